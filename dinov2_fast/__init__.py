@@ -1,0 +1,7 @@
+"""dinov2-fast: fast, lean DINOv2-style Vision Transformer training on NVIDIA GPUs."""
+
+from dinov2_fast import nn, ops
+from dinov2_fast._backend import BACKENDS
+
+__version__ = "0.1.0"
+__all__ = ["nn", "ops", "BACKENDS", "__version__"]
