@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine (DESIGN.md, "GPU verification"): build the CUDA extension, show
+# the environment, run the GPU tests, run the benchmarks, and print a short summary table last.
+# Made for a machine without network access: nothing is downloaded.
+#
+#   bash bench/gpu_check.sh              everything; files go to $OUT, or bench/out/ when OUT is unset
+#   bash bench/gpu_check.sh --dry-run    (or GPU_CHECK_DRY=1) no GPU steps: the CLI, a --quick CPU
+#                                        bench and the summary, to check the plumbing without a GPU
+#
+# Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, layernorm.json, bench.log,
+# summary.txt. Every step has a time limit, and all of them together stay within GPU_CHECK_BUDGET_S
+# (default 470 s: under 8 minutes). A failed step does not stop the later ones; the exit status is 1
+# when any step failed. Environment: PYTHON (default: python, else python3).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DRY="${GPU_CHECK_DRY:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY=1 ;;
+        -h | --help)
+            sed -n '2,16p' "${BASH_SOURCE[0]}"
+            exit 0
+            ;;
+        *)
+            echo "gpu_check.sh: unknown argument: $arg (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+OUT_DIR="${OUT:-bench/out}"
+mkdir -p "$OUT_DIR"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+CLI=("$PYTHON" -m dinov2_fast.cli)
+
+STATUS=()
+FAILED=0
+
+# step NAME LIMIT_S LOG CMD...: run CMD with a time limit (never past the overall budget). LOG "-"
+# shows the output here; a file keeps it there and shows its last lines if the step fails.
+step() {
+    local name="$1" limit="$2" log="$3"
+    shift 3
+    local left=$((BUDGET_S - SECONDS))
+    if ((left < limit)); then
+        limit=$left
+    fi
+    if ((limit < 5)); then
+        STATUS+=("SKIPPED $name: out of time (budget ${BUDGET_S}s)")
+        FAILED=1
+        return 0
+    fi
+    echo
+    echo "=== $name (limit ${limit}s)"
+    local start=$SECONDS rc=0
+    if [[ "$log" == "-" ]]; then
+        timeout --kill-after=10 "$limit" "$@" || rc=$?
+    else
+        timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1 || rc=$?
+    fi
+    local took=$((SECONDS - start))
+    if ((rc == 0)); then
+        STATUS+=("ok      $name (${took}s)")
+    else
+        local why="exit $rc"
+        if ((rc == 124 || rc == 137)); then
+            why="timed out after ${limit}s"
+        fi
+        STATUS+=("FAILED  $name: $why (${took}s)")
+        FAILED=1
+        if [[ "$log" != "-" ]]; then
+            echo "--- last lines of $log"
+            tail -n 40 "$log" || true
+        fi
+    fi
+    return 0
+}
+
+echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), output in $OUT_DIR, python $PYTHON"
+if [[ "$DRY" == 1 ]]; then
+    echo "gpu_check: DRY RUN: no build, no GPU tests; a --quick benchmark on the CPU"
+    step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
+    step "bench layernorm --quick (CPU)" 120 "$OUT_DIR/bench.log" \
+        "${CLI[@]}" bench layernorm --quick --device cpu --json "$OUT_DIR/layernorm.json"
+else
+    step "nvidia-smi" 30 - nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm \
+        --format=csv
+    step "build (pip install -e ., DINOV2_FAST_CUDA=1)" 300 "$OUT_DIR/build.log" \
+        env DINOV2_FAST_CUDA=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps --no-index -e .
+    step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
+    step "GPU tests (pytest -m gpu tests)" 200 "$OUT_DIR/gpu-tests.log" \
+        "$PYTHON" -m pytest -m gpu tests -x -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml"
+    tail -n 3 "$OUT_DIR/gpu-tests.log" 2>/dev/null || true
+    step "bench layernorm" 240 "$OUT_DIR/bench.log" \
+        "${CLI[@]}" bench layernorm --json "$OUT_DIR/layernorm.json"
+fi
+
+# The summary, last: the step results, then the numbers the targets are set for.
+{
+    echo
+    echo "=== summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s in all)"
+    printf '%s\n' "${STATUS[@]}"
+    if [[ -f "$OUT_DIR/info.json" ]]; then
+        "$PYTHON" - "$OUT_DIR/info.json" <<'EOF' || true
+import json
+import sys
+
+info = json.load(open(sys.argv[1]))
+gpus = ", ".join(g["name"] for g in info["gpus"]) or "no CUDA GPU"
+v = info["versions"]
+print(f"GPU: {gpus}; torch {v['torch']} (CUDA {v['torch_cuda']}), triton {v['triton']}")
+for backend, where in info["backends"].items():
+    print(f"backend {backend:<6} on CUDA tensors: " + (f"no: {where['cuda']}" if where["cuda"] else "yes"))
+EOF
+    fi
+    if [[ -f "$OUT_DIR/layernorm.json" ]]; then
+        timeout 60 "${CLI[@]}" report "$OUT_DIR/layernorm.json" --headline || FAILED=1
+    else
+        echo "no benchmark report: $OUT_DIR/layernorm.json is missing"
+    fi
+} >"$OUT_DIR/summary.txt" 2>&1
+cat "$OUT_DIR/summary.txt"
+
+exit "$FAILED"

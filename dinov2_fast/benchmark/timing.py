@@ -1,0 +1,112 @@
+"""Timers for the benchmarks, and the copy bandwidth that bandwidth-bound kernels are judged against.
+
+On a CUDA device a measurement is the median of ``triton.testing.do_bench`` (CUDA events around each
+call, the L2 cache flushed before each one), in milliseconds. On the CPU it is the median of a
+``time.perf_counter`` loop: useful to check that the benchmark runs, not to judge GPU kernels.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Timer", "copy_bandwidth_gbps"]
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Measures the median time of one call of a function, in milliseconds.
+
+    Attributes:
+        device: where the timed work runs; CUDA uses ``do_bench``, anything else a wall clock.
+        warmup_ms, rep_ms: ``do_bench``'s warm-up and repetition budgets (CUDA).
+        cpu_warmup: untimed calls first (CPU).
+        cpu_reps: at most this many timed calls (CPU), at least 3 ...
+        cpu_budget_s: ... stopping early once the timed calls have taken this long.
+    """
+
+    device: torch.device
+    warmup_ms: int = 25
+    rep_ms: int = 100
+    cpu_warmup: int = 2
+    cpu_reps: int = 20
+    cpu_budget_s: float = 0.5
+
+    @classmethod
+    def for_device(cls, device: torch.device, *, quick: bool = False) -> Timer:
+        """The default timer for ``device``; ``quick`` trades precision for speed (tests, CI)."""
+        if quick:
+            return cls(device, warmup_ms=5, rep_ms=20, cpu_warmup=1, cpu_reps=3, cpu_budget_s=0.1)
+        return cls(device)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            return self._cuda(fn)
+        return self._cpu(fn)
+
+    def host_ms(self, fn: Callable[[], object], calls: int = 10) -> float | None:
+        """CPU time to issue one call of ``fn`` while the GPU is busy elsewhere, in ms (CUDA only).
+
+        When this comes near the CUDA-event time, the GPU waits for the CPU between launches and
+        the event time is the launch overhead, not the kernels': the benchmark says so. A call that
+        synchronizes with the GPU shows up here as about the length of the sleep kernel (~50 ms).
+        """
+        if self.device.type != "cuda":
+            return None
+        with torch.cuda.device(self.device):
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda._sleep(100_000_000)  # ~50 ms of GPU clock cycles, so the launches queue up
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            elapsed = time.perf_counter() - start
+            torch.cuda.synchronize()
+        return elapsed / calls * 1e3
+
+    def _cuda(self, fn: Callable[[], object]) -> float:
+        from triton.testing import do_bench
+
+        with torch.cuda.device(self.device):
+            return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+
+    def _cpu(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.cpu_warmup):
+            fn()
+        times: list[float] = []
+        spent = 0.0
+        while len(times) < max(self.cpu_reps, 1):
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            times.append(elapsed)
+            spent += elapsed
+            if len(times) >= 3 and spent >= self.cpu_budget_s:
+                break
+        return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbps(timer: Timer, nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth in GB/s (1e9 bytes/s), counting bytes read plus bytes written.
+
+    Copies one buffer of ``nbytes`` into another (default 1 GiB on a GPU, capped at an eighth of the
+    free memory; 64 MiB on the CPU). This is the ceiling a bandwidth-bound kernel is compared to:
+    TARGETS.md measured 3.0 TB/s on an H100 80GB HBM3.
+    """
+    device = timer.device
+    if nbytes is None:
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            nbytes = min(1 << 30, free // 8)
+        else:
+            nbytes = 64 << 20
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be positive, got {nbytes}")
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(7)
+    target = torch.empty_like(source)
+    ms = timer(lambda: target.copy_(source))
+    return 2 * nbytes / (ms * 1e-3) / 1e9

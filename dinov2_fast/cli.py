@@ -1,0 +1,335 @@
+"""The ``dinov2-fast`` command.
+
+    dinov2-fast info [--json PATH]
+        versions, GPUs, which backends run on CUDA and CPU tensors (and why not), optional libraries
+    dinov2-fast bench [NAME ...] [--json PATH] [--shapes SHAPES] [--dtype bf16|fp16|fp32]
+                      [--device cuda|cpu] [--quick] [--compile] [--quiet]
+        time dinov2-fast's ops against torch and other libraries (no NAME: every benchmark)
+    dinov2-fast report PATH [--headline]
+        print the tables of a report that ``bench --json`` wrote
+
+``--json -`` writes the JSON to stdout instead of the tables. Tables use ``rich`` when it is
+installed (``pip install dinov2-fast[bench]``) and plain aligned text otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["main"]
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _write_json(data: dict[str, Any], path: str) -> None:
+    text = json.dumps(_json_safe(data), indent=2) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+def _render(table: Any, out: TextIO | None = None) -> None:
+    """Print a :class:`dinov2_fast.benchmark.Table`: with rich when importable, else plain text."""
+    out = sys.stdout if out is None else out
+    try:
+        from rich.console import Console
+        from rich.table import Table as RichTable
+        from rich.text import Text
+    except ImportError:
+        _render_plain(table, out)
+        return
+    console = Console(file=out)
+    if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
+        console = Console(file=out, width=max(shutil.get_terminal_size().columns, 160))
+    rich_table = RichTable(title=table.title, title_justify="left")
+    for column in table.columns:
+        rich_table.add_column(column, overflow="fold")
+    for row in table.rows:
+        rich_table.add_row(*(Text(cell) for cell in row))
+    console.print(rich_table)
+    for note in table.notes:
+        console.print(Text(f"  {note}"))
+
+
+def _render_plain(table: Any, out: TextIO) -> None:
+    cells = [table.columns, *table.rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(table.columns))]
+
+    def numeric(text: str) -> bool:
+        return text.rstrip("x%").replace(".", "", 1).replace("e-", "", 1).lstrip("-").isdigit()
+
+    def line(row: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(width) if numeric(cell) else cell.ljust(width)
+            for cell, width in zip(row, widths)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out.write(f"{table.title}\n")
+    out.write(line(table.columns) + "\n")
+    out.write("  ".join("-" * width for width in widths) + "\n")
+    for row in table.rows:
+        out.write(line(row) + "\n")
+    for note in table.notes:
+        out.write(f"  {note}\n")
+    out.write("\n")
+
+
+def _progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+# --- info ----------------------------------------------------------------------------------------
+
+
+def _info_data() -> dict[str, Any]:
+    from dinov2_fast import _backend, _environment
+
+    return {
+        "versions": _environment.versions(),
+        "gpus": _environment.gpus(),
+        "backends": _environment.backend_status(),
+        "triton_interpreted": _backend.triton_interpreted(),
+        "optional_libraries": _environment.optional_libraries(),
+        "environment": _environment.environment_variables(),
+    }
+
+
+def _print_info(data: dict[str, Any]) -> None:
+    def usable(why: str) -> str:
+        return "yes" if not why else f"no: {why}"
+
+    print("versions")
+    for name, version in data["versions"].items():
+        print(f"  {name:<18} {version if version is not None else 'not installed'}")
+    print("GPUs")
+    if not data["gpus"]:
+        print("  no CUDA GPU")
+    for gpu in data["gpus"]:
+        print(
+            f"  cuda:{gpu['index']}  {gpu['name']}, compute capability "
+            f"{gpu['compute_capability']}, {gpu['sm_count']} SMs, {gpu['memory_GiB']} GiB"
+        )
+    print("backends of dinov2_fast.ops")
+    for backend, where in data["backends"].items():
+        print(f"  {backend:<7} CUDA tensors: {usable(where['cuda'])}")
+        print(f"  {'':<7} CPU tensors:  {usable(where['cpu'])}")
+    if data["triton_interpreted"]:
+        print("  (TRITON_INTERPRET=1: Triton kernels run in the interpreter on CPU tensors)")
+    print("optional comparison libraries")
+    for name, version in data["optional_libraries"].items():
+        print(f"  {name:<18} {version if version is not None else 'not installed'}")
+    if data["environment"]:
+        print("environment")
+        for name, value in data["environment"].items():
+            print(f"  {name}={value}")
+
+
+def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    data = _info_data()
+    if args.json != "-":
+        _print_info(data)
+    if args.json:
+        _write_json(data, args.json)
+    return 0
+
+
+# --- bench and report ----------------------------------------------------------------------------
+
+
+def _print_report(report: dict[str, Any], *, headline_only: bool = False) -> None:
+    from dinov2_fast import benchmark
+
+    print(
+        f"device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
+        f"dtype {report['dtype']}; copy bandwidth {report['copy_bandwidth_GBps']} GB/s "
+        f"(read + written); {report['date']}"
+    )
+    names = report.get("benchmarks") or sorted({r["benchmark"] for r in report["results"]})
+    for name in names:
+        try:
+            bench = benchmark.get(name)
+        except ValueError:
+            print(f"{name}: no such benchmark in this version of dinov2-fast; see the JSON")
+            continue
+        results = [r for r in report["results"] if r["benchmark"] == name]
+        if not headline_only:
+            _render(bench.table(results))
+        # The targets are GPU numbers: a CPU run is never held against them.
+        headline = bench.headline(results) if report.get("device_type") == "cuda" else None
+        if headline is not None:
+            _render(headline)
+        elif headline_only:
+            why = "not a GPU run" if report.get("device_type") != "cuda" else "no shape measured"
+            print(f"{name}: no numbers to hold against the targets ({why})")
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+
+
+def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from dinov2_fast import benchmark
+
+    names = list(dict.fromkeys(args.names)) or list(benchmark.REGISTRY)
+    for name in names:
+        if name not in benchmark.REGISTRY:
+            parser.error(f"unknown benchmark {name!r}; choose from {', '.join(benchmark.REGISTRY)}")
+    shapes = {}
+    if args.shapes is not None:
+        for name in names:
+            try:
+                shapes[name] = benchmark.get(name).parse_shapes(args.shapes)
+            except ValueError as error:
+                parser.error(f"--shapes: {error}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        print(
+            "no CUDA GPU in use: timing the torch paths on the CPU; the GPU kernels are NOT timed",
+            file=sys.stderr,
+        )
+    report = benchmark.run(
+        names,
+        device=device,
+        dtype=benchmark.DTYPES[args.dtype],
+        quick=args.quick,
+        shapes=shapes,
+        compile_on_cpu=args.compile,
+        progress=None if args.quiet else _progress,
+    )
+    if args.json != "-":
+        _print_report(report)
+    if args.json:
+        _write_json(report, args.json)
+        if args.json != "-":
+            print(f"wrote {args.json}")
+    failed = [r for r in report["results"] if r["status"] == "error" or r["check"] == "MISMATCH"]
+    for ours in (False, True):
+        which = sorted({f"{r['benchmark']}/{r['provider']}" for r in failed if r["ours"] == ours})
+        if which:
+            whose = "dinov2-fast's own" if ours else "comparison"
+            print(f"failed (error or MISMATCH), {whose}: {', '.join(which)}", file=sys.stderr)
+    # Only our own kernels failing is a failure of the command; a comparison library may be broken.
+    return 1 if any(r["ours"] for r in failed) else 0
+
+
+def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        report = json.loads(Path(args.path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        parser.error(f"cannot read a report from {args.path}: {error}")
+    if not isinstance(report, dict) or "results" not in report:
+        parser.error(f"{args.path} is not a report written by `dinov2-fast bench --json`")
+    _print_report(report, headline_only=args.headline)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dinov2_fast import __version__
+    from dinov2_fast.benchmark import DTYPES, REGISTRY, get
+
+    parser = argparse.ArgumentParser(
+        prog="dinov2-fast",
+        description="Fast, lean DINOv2-style ViT training: kernels, benchmarks, environment info.",
+    )
+    parser.add_argument("--version", action="version", version=f"dinov2-fast {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = commands.add_parser(
+        "info",
+        help="versions, GPUs, usable backends, optional libraries",
+        description="Print versions, GPUs, which backends run on CUDA and CPU tensors (and why "
+        "not), and which optional comparison libraries are installed.",
+    )
+    info.add_argument("--json", metavar="PATH", help="also write it as JSON ('-': stdout only)")
+    info.set_defaults(handler=_cmd_info)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the ops against torch and other libraries",
+        description="Time dinov2-fast's ops against torch and other libraries and print a table.\n"
+        "Without a GPU only the torch paths are timed, on the CPU. Exits 1 if one of\n"
+        "dinov2-fast's own kernels failed or gave wrong results.",
+        epilog="benchmarks:\n"
+        + "\n".join(
+            f"  {name}: {get(name).summary}\n    --shapes {get(name).shapes_help}"
+            for name in REGISTRY
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"which ({', '.join(REGISTRY)}); default: all"
+    )
+    bench.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout only)")
+    bench.add_argument("--shapes", help="replace the default shapes, e.g. 16448x1024,12800x1024")
+    bench.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="default: bf16")
+    bench.add_argument(
+        "--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is present, else cpu"
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="small shapes, few repetitions (tests, CI)"
+    )
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="include torch.compile on the CPU too (always included on a GPU)",
+    )
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    bench.set_defaults(handler=_cmd_bench)
+
+    report = commands.add_parser(
+        "report",
+        help="print the tables of a saved `bench --json` report",
+        description="Print the tables of a report that `dinov2-fast bench --json` wrote.",
+    )
+    report.add_argument("path", metavar="PATH")
+    report.add_argument(
+        "--headline", action="store_true", help="only the numbers the targets are set for"
+    )
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.handler(args, parser)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
