@@ -28,7 +28,7 @@ def _say(message: str) -> None:
     print(f"dinov2-fast setup: {message}", file=sys.stderr, flush=True)
 
 
-def _find_nvcc() -> str | None:
+def find_nvcc() -> str | None:
     candidates = [os.environ.get("CUDACXX")]
     if os.environ.get("CUDA_HOME"):
         candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"))
@@ -39,7 +39,7 @@ def _find_nvcc() -> str | None:
     return None
 
 
-def _find_cmake() -> str | None:
+def find_cmake() -> str | None:
     try:  # the `cmake` wheel from the build requirements
         import cmake
 
@@ -51,6 +51,18 @@ def _find_cmake() -> str | None:
     return shutil.which("cmake")
 
 
+def find_ninja() -> str | None:
+    try:  # the `ninja` wheel from the build requirements
+        import ninja
+
+        path = Path(ninja.BIN_DIR) / "ninja"
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    return shutil.which("ninja")
+
+
 def _cuda_build_plan() -> tuple[bool, str]:
     """Return (build, reason). Raises when the build is forced but impossible."""
     mode = os.environ.get("DINOV2_FAST_CUDA", "").strip()
@@ -59,9 +71,9 @@ def _cuda_build_plan() -> tuple[bool, str]:
     if mode == "0":
         return False, "DINOV2_FAST_CUDA=0: skipping the CUDA extension"
     missing = []
-    if _find_nvcc() is None:
+    if find_nvcc() is None:
         missing.append("nvcc (set CUDACXX or CUDA_HOME, or put nvcc on PATH)")
-    if _find_cmake() is None:
+    if find_cmake() is None:
         missing.append("cmake")
     try:
         import pybind11  # noqa: F401
@@ -90,7 +102,7 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("DINOV2_FAST_CUDA_ARCHS", DEFAULT_ARCHS)
-        cmake = _find_cmake()
+        cmake = find_cmake()
         configure = [
             cmake,
             "-S",
@@ -98,16 +110,15 @@ class CMakeBuild(build_ext):
             "-B",
             str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DCMAKE_CUDA_COMPILER={_find_nvcc()}",
+            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DDINOV2_FAST_CUDA_ARCHS={archs}",
             f"-DDINOV2_FAST_OUTPUT_DIR={output_dir}",
         ]
-        if shutil.which("ninja") or _ninja_from_wheel():
-            configure += ["-G", "Ninja"]
-            if _ninja_from_wheel():
-                configure.append(f"-DCMAKE_MAKE_PROGRAM={_ninja_from_wheel()}")
+        ninja = find_ninja()
+        if ninja is not None:
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         _say(f"CUDA architectures {archs}")
         subprocess.run(configure, check=True)
         jobs = str(max(1, os.cpu_count() or 1))
@@ -117,19 +128,11 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake finished but {built} was not produced")
 
 
-def _ninja_from_wheel() -> str | None:
-    try:
-        import ninja
-
-        path = Path(ninja.BIN_DIR) / "ninja"
-        return str(path) if path.is_file() else None
-    except ImportError:
-        return None
-
-
-build_cuda, why = _cuda_build_plan()
-_say(why)
-setup(
-    ext_modules=[CMakeExtension("dinov2_fast._C")] if build_cuda else [],
-    cmdclass={"build_ext": CMakeBuild},
-)
+# Guarded so that tests can import the tool finders; pip and `python setup.py` run it as __main__.
+if __name__ == "__main__":
+    build_cuda, why = _cuda_build_plan()
+    _say(why)
+    setup(
+        ext_modules=[CMakeExtension("dinov2_fast._C")] if build_cuda else [],
+        cmdclass={"build_ext": CMakeBuild},
+    )
