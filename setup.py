@@ -10,6 +10,7 @@ Environment:
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -39,28 +40,24 @@ def find_nvcc() -> str | None:
     return None
 
 
-def find_cmake() -> str | None:
-    try:  # the `cmake` wheel from the build requirements
-        import cmake
-
-        path = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+def _find_tool(name: str, wheel: str, bin_dir_attribute: str) -> str | None:
+    """The executable from its wheel in the build requirements, else from PATH."""
+    try:
+        module = importlib.import_module(wheel)
+        path = Path(getattr(module, bin_dir_attribute)) / name
         if path.is_file():
             return str(path)
-    except ImportError:
+    except (ImportError, AttributeError):
         pass
-    return shutil.which("cmake")
+    return shutil.which(name)
+
+
+def find_cmake() -> str | None:
+    return _find_tool("cmake", "cmake", "CMAKE_BIN_DIR")
 
 
 def find_ninja() -> str | None:
-    try:  # the `ninja` wheel from the build requirements
-        import ninja
-
-        path = Path(ninja.BIN_DIR) / "ninja"
-        if path.is_file():
-            return str(path)
-    except ImportError:
-        pass
-    return shutil.which("ninja")
+    return _find_tool("ninja", "ninja", "BIN_DIR")
 
 
 def _cuda_build_plan() -> tuple[bool, str]:
