@@ -23,6 +23,7 @@ ENV_BACKEND = "DINOV2_FAST_BACKEND"
 # bench/gpu_check.sh measures (see bench/RESULTS.md).
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "layer_norm": ("triton", "cuda", "torch"),
+    "attention": ("triton", "torch"),  # no CUDA attention kernel yet
 }
 
 BUILD_HINT = (
@@ -105,8 +106,11 @@ def _check_name(backend: object, where: str) -> str:
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend for one call of ``op`` on ``device``; raises if it cannot run there."""
     _check_name(backend, "backend")
+    implemented = AUTO_PREFERENCE[op]
     if backend == "auto" and device.type == "cuda":
-        backend = _check_name(os.environ.get(ENV_BACKEND, "auto"), ENV_BACKEND)
+        override = _check_name(os.environ.get(ENV_BACKEND, "auto"), ENV_BACKEND)
+        # A global override names a backend this op may not have: then "auto" decides.
+        backend = override if override in implemented else "auto"
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
@@ -114,6 +118,11 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
             if not unavailable_reason(candidate, device):
                 return candidate
         return "torch"
+    if backend not in implemented:
+        raise ValueError(
+            f"backend={backend!r} has no {op} kernel yet; use one of "
+            f"{', '.join(map(repr, implemented))}"
+        )
     why = unavailable_reason(backend, device)
     if why:
         raise RuntimeError(why)

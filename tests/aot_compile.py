@@ -2,8 +2,8 @@
 
 Run as a script (TRITON_INTERPRET must be unset, so the kernels are real JIT functions):
     python tests/aot_compile.py MODULE ARCH     e.g. layer_norm 90
-Prints one JSON line per configuration: kernel name, constexprs, num_warps, shared memory bytes,
-and which tensor-core instructions the PTX uses.
+Prints one JSON line per configuration: kernel name, constexprs, num_warps (and num_stages when
+given), shared memory bytes, and which tensor-core instructions the PTX uses.
 """
 
 from __future__ import annotations
@@ -23,15 +23,22 @@ def compile_all(module_name: str, arch: int) -> list[dict]:
     module = importlib.import_module(f"dinov2_fast.kernels.{module_name}")
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for kernel, signature, constexprs, num_warps in module.aot_configurations():
-        source = ASTSource(kernel, signature, constexprs)
-        compiled = triton_compile(source, target=target, options={"num_warps": num_warps})
+    for kernel, signature, constexprs, num_warps, *extra in module.aot_configurations():
+        # Optional extras: num_stages, then the names of the arguments that are multiples of 16
+        # (pointers: 16-byte aligned), which the JIT specializes on at run time. Loads are
+        # vectorized and software-pipelined only with that knowledge, which costs shared memory.
+        options = {"num_warps": num_warps, **({"num_stages": extra[0]} if extra else {})}
+        divisible = extra[1] if len(extra) > 1 else ()
+        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+        source = ASTSource(kernel, signature, constexprs, attrs)
+        compiled = triton_compile(source, target=target, options=options)
         ptx = compiled.asm["ptx"]
         results.append(
             {
                 "kernel": kernel.__name__,
                 "constexprs": {k: v for k, v in constexprs.items() if v is not None},
                 "num_warps": num_warps,
+                **({"num_stages": extra[0]} if extra else {}),
                 "shared": compiled.metadata.shared,
                 "wgmma": "wgmma" in ptx,
                 "mma": "mma.sync" in ptx,
