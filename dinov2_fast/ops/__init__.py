@@ -3,7 +3,24 @@
 Every op takes ``backend="auto" | "triton" | "cuda" | "torch"``; "torch" is the reference.
 """
 
+from dinov2_fast.ops.attention import (
+    HEAD_DIMS as ATTENTION_HEAD_DIMS,
+)
+from dinov2_fast.ops.attention import (
+    attention,
+    attention_qkvpacked,
+    memory_efficient_attention,
+)
+from dinov2_fast.ops.block_diagonal_mask import BlockDiagonalMask
 from dinov2_fast.ops.layer_norm import MAX_DIM as LAYER_NORM_MAX_DIM
 from dinov2_fast.ops.layer_norm import layer_norm
 
-__all__ = ["layer_norm", "LAYER_NORM_MAX_DIM"]
+__all__ = [
+    "ATTENTION_HEAD_DIMS",
+    "BlockDiagonalMask",
+    "LAYER_NORM_MAX_DIM",
+    "attention",
+    "attention_qkvpacked",
+    "layer_norm",
+    "memory_efficient_attention",
+]
