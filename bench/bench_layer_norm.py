@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dinov2_fast.benchmark import layer_norm as bench
+from dinov2_fast.benchmark.timing import synchronized
 
 pytest.importorskip("pytest_benchmark")
 
@@ -32,15 +33,7 @@ def test_layer_norm(benchmark, provider: bench.Provider, shape: tuple[int, int],
         pytest.skip(f"{provider.name}: {why}")
     rows, dim = shape
     case = bench.make_case(provider, rows, dim, device=DEVICE, dtype=DTYPE)
-    call = case.fwd if pass_ == "fwd" else case.fwd_bwd
-    if DEVICE.type == "cuda":
-
-        def timed() -> None:
-            call()
-            torch.cuda.synchronize(DEVICE)
-    else:
-        timed = call
-
+    timed = synchronized(case.fwd if pass_ == "fwd" else case.fwd_bwd, DEVICE)
     nbytes = bench.must_move_bytes(pass_, rows, dim, case.in_dtype, case.out_dtype)
     benchmark.group = f"layernorm {rows}x{dim} {pass_}"
     benchmark.extra_info.update(

@@ -8,9 +8,11 @@
 #                                        bench and the summary, to check the plumbing without a GPU
 #
 # Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, layernorm.json, bench.log,
-# summary.txt. Every step has a time limit, and all of them together stay within GPU_CHECK_BUDGET_S
-# (default 470 s: under 8 minutes). A failed step does not stop the later ones; the exit status is 1
-# when any step failed. Environment: PYTHON (default: python, else python3).
+# attention.json, bench-attention.log, summary.txt. Every step has a time limit, and all of them
+# together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes); the attention benchmark
+# keeps 180 s of it. Each benchmark stops starting measurements in time to write its JSON. A failed
+# step does not stop the later ones; the exit status is 1 when any step failed. Environment: PYTHON
+# (default: python, else python3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,7 +22,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
         -h | --help)
-            sed -n '2,16p' "${BASH_SOURCE[0]}"
+            sed -n '2,15p' "${BASH_SOURCE[0]}"
             exit 0
             ;;
         *)
@@ -39,6 +41,22 @@ CLI=("$PYTHON" -m dinov2_fast.cli)
 
 STATUS=()
 FAILED=0
+ATTENTION_S=180 # the attention benchmark's share of the budget
+
+# share WANT [RESERVE]: at most WANT seconds of what is left of the budget, keeping RESERVE of it
+# for later steps as long as that leaves this step a third of it.
+share() {
+    local want="$1" reserve="${2:-0}" left=$((BUDGET_S - SECONDS))
+    local most=$((left - reserve > left / 3 ? left - reserve : left / 3))
+    echo $((most < want ? most : want))
+}
+
+# bench_limit LIMIT: the --time-limit of a benchmark step of LIMIT seconds, leaving time to start
+# Python, finish the measurement under way (a torch.compile can take ~20 s), print and write JSON.
+bench_limit() {
+    local limit="$1"
+    echo $((limit > 80 ? limit - 40 : (limit > 2 ? limit / 2 : 1)))
+}
 
 # step NAME LIMIT_S LOG CMD...: run CMD with a time limit (never past the overall budget). LOG "-"
 # shows the output here; a file keeps it there and shows its last lines if the step fails.
@@ -86,6 +104,8 @@ if [[ "$DRY" == 1 ]]; then
     step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
     step "bench layernorm --quick (CPU)" 120 "$OUT_DIR/bench.log" \
         "${CLI[@]}" bench layernorm --quick --device cpu --json "$OUT_DIR/layernorm.json"
+    step "bench attention --quick (CPU)" 120 "$OUT_DIR/bench-attention.log" \
+        "${CLI[@]}" bench attention --quick --device cpu --json "$OUT_DIR/attention.json"
 else
     step "nvidia-smi" 30 - nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm \
         --format=csv
@@ -95,8 +115,14 @@ else
     step "GPU tests (pytest -m gpu tests)" 200 "$OUT_DIR/gpu-tests.log" \
         "$PYTHON" -m pytest -m gpu tests -x -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml"
     tail -n 3 "$OUT_DIR/gpu-tests.log" 2>/dev/null || true
-    step "bench layernorm" 240 "$OUT_DIR/bench.log" \
-        "${CLI[@]}" bench layernorm --json "$OUT_DIR/layernorm.json"
+    limit=$(share 240 "$ATTENTION_S")
+    step "bench layernorm" "$limit" "$OUT_DIR/bench.log" \
+        "${CLI[@]}" bench layernorm --time-limit "$(bench_limit "$limit")" \
+        --json "$OUT_DIR/layernorm.json"
+    limit=$(share "$ATTENTION_S")
+    step "bench attention" "$limit" "$OUT_DIR/bench-attention.log" \
+        "${CLI[@]}" bench attention --time-limit "$(bench_limit "$limit")" \
+        --json "$OUT_DIR/attention.json"
 fi
 
 # The summary, last: the step results, then the numbers the targets are set for.
@@ -117,11 +143,13 @@ for backend, where in info["backends"].items():
     print(f"backend {backend:<6} on CUDA tensors: " + (f"no: {where['cuda']}" if where["cuda"] else "yes"))
 EOF
     fi
-    if [[ -f "$OUT_DIR/layernorm.json" ]]; then
-        timeout 60 "${CLI[@]}" report "$OUT_DIR/layernorm.json" --headline || FAILED=1
-    else
-        echo "no benchmark report: $OUT_DIR/layernorm.json is missing"
-    fi
+    for name in layernorm attention; do
+        if [[ -f "$OUT_DIR/$name.json" ]]; then
+            timeout 60 "${CLI[@]}" report "$OUT_DIR/$name.json" --headline || FAILED=1
+        else
+            echo "no benchmark report: $OUT_DIR/$name.json is missing"
+        fi
+    done
 } >"$OUT_DIR/summary.txt" 2>&1
 cat "$OUT_DIR/summary.txt"
 

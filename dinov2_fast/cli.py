@@ -3,8 +3,9 @@
     dinov2-fast info [--json PATH]
         versions, GPUs, which backends run on CUDA and CPU tensors (and why not), optional libraries
     dinov2-fast bench [NAME ...] [--json PATH] [--shapes SHAPES] [--dtype bf16|fp16|fp32]
-                      [--device cuda|cpu] [--quick] [--compile] [--quiet]
-        time dinov2-fast's ops against torch and other libraries (no NAME: every benchmark)
+                      [--device cuda|cpu] [--quick] [--compile] [--time-limit S] [--quiet]
+        time dinov2-fast's ops against torch and other libraries (no NAME: every benchmark, or
+        with --shapes every benchmark whose form of shapes it is)
     dinov2-fast report PATH [--headline]
         print the tables of a report that ``bench --json`` wrote
 
@@ -62,7 +63,7 @@ def _render(table: Any, out: TextIO | None = None) -> None:
         return
     console = Console(file=out)
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
-        console = Console(file=out, width=max(shutil.get_terminal_size().columns, 160))
+        console = Console(file=out, width=max(shutil.get_terminal_size().columns, 200))
     rich_table = RichTable(title=table.title, title_justify="left")
     for column in table.columns:
         rich_table.add_column(column, overflow="fold")
@@ -199,11 +200,18 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error(f"unknown benchmark {name!r}; choose from {', '.join(benchmark.REGISTRY)}")
     shapes = {}
     if args.shapes is not None:
+        errors = []
         for name in names:
             try:
                 shapes[name] = benchmark.get(name).parse_shapes(args.shapes)
             except ValueError as error:
-                parser.error(f"--shapes: {error}")
+                errors.append(str(error))
+        # Named benchmarks must all take these shapes; without names, those that do are run.
+        if errors and (args.names or not shapes):
+            parser.error(f"--shapes: {'; '.join(errors)}")
+        names = list(shapes)
+    if args.time_limit is not None and args.time_limit <= 0:
+        parser.error(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -224,6 +232,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         shapes=shapes,
         compile_on_cpu=args.compile,
         progress=None if args.quiet else _progress,
+        time_limit_s=args.time_limit,
     )
     if args.json != "-":
         _print_report(report)
@@ -292,7 +301,11 @@ def _parser() -> argparse.ArgumentParser:
         "names", nargs="*", metavar="NAME", help=f"which ({', '.join(REGISTRY)}); default: all"
     )
     bench.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout only)")
-    bench.add_argument("--shapes", help="replace the default shapes, e.g. 16448x1024,12800x1024")
+    bench.add_argument(
+        "--shapes",
+        help="replace the default shapes, in the benchmark's form (below); without NAME, run the "
+        "benchmarks whose form it is",
+    )
     bench.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="default: bf16")
     bench.add_argument(
         "--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is present, else cpu"
@@ -304,6 +317,13 @@ def _parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="include torch.compile on the CPU too (always included on a GPU)",
+    )
+    bench.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="S",
+        help="start no new measurement after S seconds; the rest is recorded as skipped (out of "
+        "time) and the report is still written",
     )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(handler=_cmd_bench)

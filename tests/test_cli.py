@@ -1,4 +1,4 @@
-"""The `dinov2-fast` command: info, bench (a --quick run on the CPU) and report, and its errors."""
+"""The `dinov2-fast` command: info, bench (--quick runs on the CPU) and report, and its errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinov2_fast import benchmark
+from dinov2_fast.benchmark import attention
 from dinov2_fast.cli import main
 
 HAS_GPU = torch.cuda.is_available()
@@ -30,6 +32,14 @@ def quick_report(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Pa
     """One `bench layernorm --quick --device cpu --json PATH` run, shared by the tests below."""
     path = tmp_path_factory.mktemp("bench") / "layernorm.json"
     done = _cli("bench", "layernorm", "--quick", "--device", "cpu", "--json", str(path))
+    return done, path
+
+
+@pytest.fixture(scope="module")
+def attention_report(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One `bench attention --quick --device cpu --json PATH` run, shared by the tests below."""
+    path = tmp_path_factory.mktemp("bench") / "attention.json"
+    done = _cli("bench", "attention", "--quick", "--device", "cpu", "--json", str(path))
     return done, path
 
 
@@ -91,6 +101,43 @@ def test_report_prints_a_saved_run(quick_report, capsys):
     assert "not a GPU run" in capsys.readouterr().out
 
 
+def test_bench_attention_quick_on_cpu_times_torch_and_not_the_kernels(attention_report, capsys):
+    done, path = attention_report
+    assert done.returncode == 0, done.stderr
+    assert "Attention" in done.stdout and "not timed: no CUDA GPU" in done.stdout
+    report = json.loads(path.read_text())
+    assert report["device_type"] == "cpu" and report["benchmarks"] == ["attention"]
+    results = report["results"]
+    assert {r["shape"] for r in results} == {shape.name for shape in attention.QUICK_SHAPES}
+    torch_rows = [r for r in results if r["provider"] in ("naive", "sdpa-math")]
+    assert len(torch_rows) == 2 * 2 * len(attention.QUICK_SHAPES)  # providers x passes x shapes
+    for row in torch_rows:
+        assert row["status"] == "ok" and row["ms"] > 0 and row["TFLOPS"] > 0, row
+        assert row["check"] == "ok" and row["max_rel_err"] < 3e-2
+        forward = sum(4 * b * row["heads"] * n * n * row["head_dim"] for b, n in row["groups"])
+        assert row["flops"] == (forward if row["pass"] == "fwd" else 3.5 * forward)
+        assert row["baseline"] == "sdpa-math" and row["speedup"] > 0  # no sdpa-cudnn on a CPU
+        assert row["peak_MiB"] is None  # CUDA only
+    packed = [r for r in torch_rows if r["packed"]]
+    assert packed and all(r["calls"] == 2 and len(r["groups"]) == 2 for r in packed)
+    for name in ("triton", "triton-memeff", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient"):
+        rows = [r for r in results if r["provider"] == name]
+        assert rows and all(r["status"] == "not timed" and r["ms"] is None for r in rows)
+        assert all("no CUDA GPU" in r["note"] for r in rows)
+    assert main(["report", str(path), "--headline"]) == 0
+    assert "attention: no numbers to hold against the targets (not a GPU run)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_time_limit_records_what_it_left_out():
+    report = benchmark.run(["attention"], device=torch.device("cpu"), quick=True, time_limit_s=1e-9)
+    assert report["time_limit_s"] == 1e-9 and report["results"]
+    timed_here = [r for r in report["results"] if r["provider"] in ("naive", "sdpa-math")]
+    assert timed_here and all(r["status"] == "skipped" for r in timed_here)
+    assert all("out of time" in r["note"] for r in timed_here)
+
+
 def _record(provider: str, ms: float, *, autocast: bool = False, speedup: float | None = None):
     rows, dim = 16448, 1024
     nbytes = rows * dim * (16 if autocast else 10)
@@ -119,8 +166,8 @@ def _record(provider: str, ms: float, *, autocast: bool = False, speedup: float 
     }
 
 
-def test_headline_holds_our_kernels_against_the_targets(tmp_path, capsys):
-    """The GPU-only part of the report, from a made-up GPU report (not measured numbers)."""
+def _made_up_gpu_report(tmp_path: Path, name: str, results: list[dict]) -> Path:
+    """A report as `bench NAME --json` would write it on a GPU, with made-up ``results``."""
     report = {
         "date": "2026-01-01T00:00:00+00:00",
         "device": "made-up GPU",
@@ -129,19 +176,26 @@ def test_headline_holds_our_kernels_against_the_targets(tmp_path, capsys):
         "triton": "3.6.0",
         "dtype": "bf16",
         "copy_bandwidth_GBps": 3000.0,
-        "benchmarks": ["layernorm"],
+        "benchmarks": [name],
         "notes": [],
-        "results": [
-            _record("torch", 0.158, speedup=1.0),
-            _record("triton", 0.065, speedup=0.158 / 0.065),  # 2.6 TB/s
-            _record("cuda", 0.080, speedup=0.158 / 0.080),  # 2.1 TB/s
-            _record("torch+autocast", 0.371, autocast=True, speedup=1.0),
-            _record("triton+autocast", 0.100, autocast=True, speedup=3.71),
-            _record("cuda+autocast", 0.200, autocast=True, speedup=1.86),
-        ],
+        "results": results,
     }
-    path = tmp_path / "gpu.json"
+    path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(report))
+    return path
+
+
+def test_headline_holds_our_kernels_against_the_targets(tmp_path, capsys):
+    """The GPU-only part of the report, from a made-up GPU report (not measured numbers)."""
+    results = [
+        _record("torch", 0.158, speedup=1.0),
+        _record("triton", 0.065, speedup=0.158 / 0.065),  # 2.6 TB/s
+        _record("cuda", 0.080, speedup=0.158 / 0.080),  # 2.1 TB/s
+        _record("torch+autocast", 0.371, autocast=True, speedup=1.0),
+        _record("triton+autocast", 0.100, autocast=True, speedup=3.71),
+        _record("cuda+autocast", 0.200, autocast=True, speedup=1.86),
+    ]
+    path = _made_up_gpu_report(tmp_path, "layernorm", results)
     assert main(["report", str(path), "--headline"]) == 0
     lines = capsys.readouterr().out.splitlines()
 
@@ -152,6 +206,65 @@ def test_headline_holds_our_kernels_against_the_targets(tmp_path, capsys):
     assert "floor met" in row("cuda")
     assert "met" in row("triton+autocast") and "below" not in row("triton+autocast")
     assert "below target" in row("cuda+autocast")
+
+
+def _attention_record(provider: str, shape: attention.Shape, pass_: str, ms: float):
+    flops = shape.flops(pass_)
+    return {
+        "benchmark": "attention",
+        "provider": provider,
+        "ours": provider.startswith("triton"),
+        "pass": pass_,
+        "shape": shape.name,
+        "groups": [list(group) for group in shape.groups],
+        "packed": shape.packed,
+        "heads": shape.heads,
+        "head_dim": shape.head_dim,
+        "dtype": "bf16",
+        "status": "ok",
+        "ms": ms,
+        "flops": flops,
+        "TFLOPS": flops / (ms * 1e-3) / 1e12,
+        "peak_MiB": 150.0,
+        "baseline": "sdpa-cudnn",
+        "speedup": None,
+        "max_rel_err": 4e-3,
+        "check": "ok",
+        "note": "",
+    }
+
+
+def test_attention_headline_holds_our_kernel_against_the_targets(tmp_path, capsys):
+    """From a made-up GPU report (not measured numbers)."""
+    records = [
+        _attention_record("triton", attention.VIT_L_GLOBAL, "fwd+bwd", 0.25),  # goal 0.30
+        _attention_record("sdpa-cudnn", attention.VIT_L_GLOBAL, "fwd+bwd", 0.47),
+        _attention_record("triton", attention.MULTI_CROP, "fwd+bwd", 0.55),  # floor 0.60
+        _attention_record("triton", attention.LONG, "fwd+bwd", 4.0),  # 240 TFLOP/s, floor 300
+        _attention_record("triton", attention.VIT_L_LOCAL, "fwd", 0.05),  # goal 0.030, no floor
+    ]
+    records.append(_attention_record("triton", attention.LONG, "fwd", 0.5))
+    records[-1]["check"] = "MISMATCH"
+    path = _made_up_gpu_report(tmp_path, "attention", records)
+    assert main(["report", str(path), "--headline"]) == 0
+    lines = [line.replace("│", " ") for line in capsys.readouterr().out.splitlines()]
+
+    def row(shape: attention.Shape, pass_: str, provider: str) -> str:
+        return next(line for line in lines if line.split()[:3] == [shape.name, pass_, provider])
+
+    assert "goal met" in row(attention.VIT_L_GLOBAL, "fwd+bwd", "triton")
+    assert "verdict" not in row(attention.VIT_L_GLOBAL, "fwd+bwd", "sdpa-cudnn")
+    assert "floor met" in row(attention.MULTI_CROP, "fwd+bwd", "triton")
+    assert "below floor" in row(attention.LONG, "fwd+bwd", "triton")
+    assert "below goal" in row(attention.VIT_L_LOCAL, "fwd", "triton")
+    assert "MISMATCH" in row(attention.LONG, "fwd", "triton")
+
+
+def test_attention_shapes_parse():
+    assert attention.parse_shapes("64x257x16x64, packed") == [
+        attention.VIT_L_GLOBAL,
+        attention.MULTI_CROP,
+    ]
 
 
 def test_tables_fall_back_to_plain_text_without_rich(quick_report, capsys, monkeypatch):
@@ -172,6 +285,11 @@ def test_tables_fall_back_to_plain_text_without_rich(quick_report, capsys, monke
         (["bench", "attention-that-does-not-exist"], "unknown benchmark"),
         (["bench", "--shapes", "16448x"], "ROWSxD"),
         (["bench", "--shapes", "0x1024"], "ROWS >= 1"),
+        (["bench", "attention", "--shapes", "64x257x16"], "BxNxHxD or the word packed"),
+        (["bench", "attention", "--shapes", "64x257x0x64"], "H >= 1"),
+        (["bench", "attention", "--shapes", "packd"], "BxNxHxD"),
+        (["bench", "attention", "layernorm", "--shapes", "packed"], "ROWSxD"),
+        (["bench", "attention", "--time-limit", "0"], "--time-limit must be a positive"),
         (["bench", "--device", "tpu"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
         (["report", "/no/such/report.json"], "cannot read a report"),

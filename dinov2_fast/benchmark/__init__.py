@@ -1,16 +1,19 @@
 """Benchmarks of dinov2-fast's ops against torch and other libraries: what ``dinov2-fast bench`` runs.
 
 Each benchmark is a module that defines ``BENCHMARK``, a :class:`Benchmark` (its name, how to read
-``--shapes``, how to run, and how to tabulate its results). :data:`REGISTRY` maps names to those
-modules, imported only when used. :func:`run` times the chosen benchmarks on one device and returns
-a JSON-ready report::
+``--shapes``, how to run, and how to tabulate its results); what they all do the same way (provider
+status, records, the measuring loop, tables) is in ``dinov2_fast.benchmark.common``.
+:data:`REGISTRY` maps names to those modules, imported only when used. :func:`run` times the chosen
+benchmarks on one device and returns a JSON-ready report::
 
     {"device": ..., "torch": ..., "triton": ..., "copy_bandwidth_GBps": ..., "notes": [...],
      "results": [{"benchmark": "layernorm", "provider": "triton", "pass": "fwd+bwd", ...}, ...]}
 
 Every result record has at least ``benchmark``, ``provider``, ``ours`` (one of dinov2-fast's own
-kernels), ``pass``, ``status`` ("ok", "skipped", "not timed" or "error"), ``ms``, ``check`` ("ok",
-"MISMATCH" against a reference, or None when not run) and ``note``; each benchmark adds its own.
+kernels), ``pass``, ``shape``, ``dtype``, ``status`` ("ok", "skipped" (also when out of time),
+"not timed" or "error"), ``ms``, ``baseline`` and ``speedup``, ``max_rel_err``, ``check`` ("ok",
+"MISMATCH" against a reference, or None when not run), ``host_ms`` and ``note``; each benchmark
+adds its own.
 
 Nothing here prints: progress goes to the ``progress`` callback, tables are returned as
 :class:`Table` for the caller to render.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +58,7 @@ DTYPES: dict[str, torch.dtype] = {
 # Benchmark name -> the module that defines its BENCHMARK. Imported on first use.
 REGISTRY: dict[str, str] = {
     "layernorm": "dinov2_fast.benchmark.layer_norm",
+    "attention": "dinov2_fast.benchmark.attention",
 }
 
 
@@ -77,6 +82,7 @@ class BenchContext:
         copy_gbps: the device's measured copy bandwidth (read + written), the bandwidth ceiling.
         compile_on_cpu: include torch.compile providers on the CPU (slow to compile).
         progress: called with one line before each measurement, or None.
+        deadline: a ``time.monotonic()`` after which no new measurement starts, or None.
     """
 
     device: torch.device
@@ -86,10 +92,14 @@ class BenchContext:
     copy_gbps: float
     compile_on_cpu: bool = False
     progress: Callable[[str], None] | None = None
+    deadline: float | None = None
 
     def say(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 @dataclass
@@ -110,7 +120,8 @@ class Benchmark:
         name: its name on the command line and in the results' "benchmark" field.
         summary: one line for ``--help``.
         shapes_help: the form ``--shapes`` takes for it, e.g. "ROWSxD,...".
-        parse_shapes: reads ``--shapes`` text; raises ValueError saying what was wrong.
+        parse_shapes: reads ``--shapes`` text into the benchmark's own shapes (tuples of ints for
+            layernorm); raises ValueError saying what was wrong.
         run: ``(context, shapes or None for the defaults) -> (results, notes)``.
         table: results (as loaded from JSON) -> the full table.
         headline: results -> the few numbers that matter against the targets, or None.
@@ -119,8 +130,8 @@ class Benchmark:
     name: str
     summary: str
     shapes_help: str
-    parse_shapes: Callable[[str], list[tuple[int, ...]]]
-    run: Callable[[BenchContext, Sequence[tuple[int, ...]] | None], tuple[list[Record], list[str]]]
+    parse_shapes: Callable[[str], list[Any]]
+    run: Callable[[BenchContext, Sequence[Any] | None], tuple[list[Record], list[str]]]
     table: Callable[[Sequence[Record]], Table]
     headline: Callable[[Sequence[Record]], Table | None]
 
@@ -144,23 +155,29 @@ def run(
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
     quick: bool = False,
-    shapes: dict[str, list[tuple[int, ...]]] | None = None,
+    shapes: dict[str, list[Any]] | None = None,
     compile_on_cpu: bool = False,
     progress: Callable[[str], None] | None = None,
+    time_limit_s: float | None = None,
 ) -> Record:
     """Run the named benchmarks (every registered one when ``names`` is empty) on ``device``.
 
     Args:
         shapes: per benchmark name, shapes that replace its defaults (as ``parse_shapes`` returns).
+        time_limit_s: start no new measurement after this many seconds; what is left is recorded
+            as skipped, "out of time", so a report is written even when the time runs short.
 
     Returns the JSON-ready report described in the module docstring.
     """
     benchmarks = [get(name) for name in (names or list(REGISTRY))]
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     timer = Timer.for_device(device, quick=quick)
     if progress is not None:
         progress("measuring the copy bandwidth")
     copy_gbps = copy_bandwidth_gbps(timer, None if not quick or device.type == "cuda" else 16 << 20)
-    context = BenchContext(device, dtype, quick, timer, copy_gbps, compile_on_cpu, progress)
+    context = BenchContext(
+        device, dtype, quick, timer, copy_gbps, compile_on_cpu, progress, deadline
+    )
     versions = _environment.versions()
     report: Record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -176,6 +193,7 @@ def run(
         "environment": _environment.environment_variables(),
         "dtype": dtype_name(dtype),
         "quick": quick,
+        "time_limit_s": time_limit_s,
         "copy_bandwidth_GBps": round(copy_gbps, 1),
         "benchmarks": [benchmark.name for benchmark in benchmarks],
         "notes": [],

@@ -42,16 +42,14 @@ rows, and torch's CPU kernels sum bf16 in bf16) the record says ``"check": "MISM
 
 from __future__ import annotations
 
-import importlib.util
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dinov2_fast import _backend
-from dinov2_fast.benchmark import BenchContext, Benchmark, Record, Table, dtype_name
+from dinov2_fast.benchmark import BenchContext, Benchmark, Record, Table, common, dtype_name
+from dinov2_fast.benchmark.common import PASSES
 from dinov2_fast.ops.layer_norm import layer_norm
 
 __all__ = [
@@ -72,7 +70,6 @@ __all__ = [
 ]
 
 EPS = 1e-6
-PASSES = ("fwd", "fwd+bwd")
 # (rows, D): ViT-L (D=1024) and ViT-g (D=1536) multi-crop steps from TARGETS.md, then ViT-S and ViT-B.
 SHAPES: tuple[tuple[int, int], ...] = (
     (16448, 1024),
@@ -95,7 +92,6 @@ REFERENCE_MS = {"torch": 0.158, "torch+autocast": 0.371, "torch.compile": 0.715,
 # and for dweight and dbias (PARAM_TOLERANCE_FACTOR times that).
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 PARAM_TOLERANCE_FACTOR = 8
-NOT_TIMED_NO_GPU = "not timed: no CUDA GPU"
 
 LayerNormFn = Callable[[torch.Tensor], torch.Tensor]
 # What a provider's build returns: forward(x) -> y, and the parameter tensors to differentiate.
@@ -226,34 +222,19 @@ PROVIDERS: tuple[Provider, ...] = (
 _BY_NAME = {provider.name: provider for provider in PROVIDERS}
 
 
-def _library_missing(library: str) -> bool:
-    try:
-        return importlib.util.find_spec(library) is None
-    except (ImportError, ValueError):
-        return True
-
-
 def provider_status(
-    provider: Provider, device: torch.device, dtype: torch.dtype, *, compile_on_cpu: bool = False
+    provider: Provider,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: tuple[int, int] | None = None,
+    *,
+    compile_on_cpu: bool = False,
 ) -> tuple[str, str]:
-    """``("ok", "")`` when ``provider`` can be timed, else ``("skipped" | "not timed", why)``."""
+    """``("ok", "")`` when ``provider`` can be timed (at any shape), else
+    ``("skipped" | "not timed", why)``."""
     if provider.autocast and dtype == torch.float32:
         return "skipped", "the autocast comparison needs --dtype bf16 or fp16"
-    if provider.library is not None and _library_missing(provider.library):
-        return "skipped", f"{provider.library} is not installed"
-    if device.type != "cuda":
-        if provider.gpu_kernel:
-            return "not timed", NOT_TIMED_NO_GPU
-        if provider.compiles and not compile_on_cpu:
-            return (
-                "skipped",
-                "slow to compile on the CPU (`dinov2-fast bench --compile` includes it)",
-            )
-    if provider.backend is not None:
-        why = _backend.unavailable_reason(provider.backend, device)
-        if why:
-            return "skipped", why
-    return "ok", ""
+    return common.availability(provider, device, compile_on_cpu=compile_on_cpu)
 
 
 # --- one case: a provider's inputs at one shape --------------------------------------------------
@@ -325,11 +306,6 @@ def make_case(
     return Case(provider, forward, x, (x, *params), dy)
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    scale = ref.abs().max().item()
-    return (out.double() - ref).abs().max().item() / max(scale, 1e-30)
-
-
 def check_case(case: Case) -> tuple[float, float, float]:
     """The errors of ``case`` against float64 on its own inputs (see the module docstring):
     ``(err(y), err(dx), max(err(dweight), err(dbias)))``."""
@@ -339,10 +315,10 @@ def check_case(case: Case) -> tuple[float, float, float]:
     ref_x, ref_weight, ref_bias = ref_inputs
     ref_y = F.layer_norm(ref_x, (ref_x.shape[-1],), ref_weight, ref_bias, EPS)
     ref_dx, *ref_param_grads = torch.autograd.grad(ref_y, ref_inputs, case.dy.double())
-    param_error = max(_relative_error(g, r) for g, r in zip(param_grads, ref_param_grads))
+    param_error = max(common.relative_error(g, r) for g, r in zip(param_grads, ref_param_grads))
     return (
-        _relative_error(y.detach(), ref_y.detach()),
-        _relative_error(dx, ref_dx),
+        common.relative_error(y.detach(), ref_y.detach()),
+        common.relative_error(dx, ref_dx),
         param_error,
     )
 
@@ -352,7 +328,7 @@ def must_move_bytes(
 ) -> int:
     """The byte model of the module docstring: bytes of ``pass_`` ("fwd" or "fwd+bwd")."""
     n = rows * dim
-    x_bytes, y_bytes = _itemsize(x_dtype), _itemsize(y_dtype)
+    x_bytes, y_bytes = common.itemsize(x_dtype), common.itemsize(y_dtype)
     if pass_ == "fwd":
         return n * (x_bytes + y_bytes)
     if pass_ == "fwd+bwd":
@@ -360,71 +336,48 @@ def must_move_bytes(
     raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 # --- running -------------------------------------------------------------------------------------
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
     """``"16448x1024,12800x1024"`` -> ``[(16448, 1024), (12800, 1024)]``; ValueError if malformed."""
-    shapes: list[tuple[int, ...]] = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-            raise ValueError(
-                f"layernorm shapes are ROWSxD, comma-separated (e.g. 16448x1024,12800x1024); "
-                f"got {item.strip()!r}"
-            )
-        rows, dim = (int(part) for part in parts)
-        if rows < 1 or dim < 1:
-            raise ValueError(f"layernorm shapes need ROWS >= 1 and D >= 1, got {item.strip()!r}")
-        shapes.append((rows, dim))
-    return shapes
+    return [
+        common.parse_dims(item, "layernorm", ("ROWS", "D"), "ROWSxD", "16448x1024,12800x1024")
+        for item in common.split_shapes(text)
+    ]
 
 
 def _record(
-    provider: Provider, rows: int, dim: int, pass_: str, status: str, dtype: torch.dtype, **fields
+    provider: Provider,
+    shape: tuple[int, int],
+    pass_: str,
+    status: str,
+    dtype: torch.dtype,
+    **fields,
 ) -> Record:
-    record: Record = {
-        "benchmark": "layernorm",
-        "provider": provider.name,
-        "ours": provider.backend is not None,
-        "pass": pass_,
+    rows, dim = shape
+    defaults = {
         "rows": rows,
         "dim": dim,
-        "shape": f"{rows}x{dim}",
-        "dtype": dtype_name(dtype),
         "in_dtype": dtype_name(torch.float32 if provider.autocast else dtype),
         "out_dtype": None,
-        "status": status,
-        "ms": None,
         "bytes": None,
         "GBps": None,
         "copy_fraction": None,
         "baseline": provider.baseline,
-        "speedup": None,
-        "max_rel_err": None,
         "param_rel_err": None,
-        "check": None,
-        "host_ms": None,
-        "note": "",
     }
-    record.update(fields)
-    return record
+    shape_name = f"{rows}x{dim}"
+    return common.new_record(
+        "layernorm", provider, pass_, shape_name, status, dtype, {**defaults, **fields}
+    )
 
 
-def _first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-    return text if len(text) <= 300 else text[:297] + "..."
+def _measure(context: BenchContext, provider: Provider, shape: tuple[int, int]) -> list[Record]:
+    """Both passes of one provider at one shape (see ``common.measure_passes``)."""
+    rows, dim = shape
 
-
-def _measure(context: BenchContext, provider: Provider, rows: int, dim: int) -> list[Record]:
-    """Both passes of one provider at one shape; an exception becomes an "error" record for each
-    pass not yet measured."""
-    records: list[Record] = []
-    try:
+    def body() -> Iterator[Record]:  # run by measure_passes: make_case's errors are caught there
         case = make_case(provider, rows, dim, device=context.device, dtype=context.dtype)
         y_error, dx_error, param_error = check_case(case)
         tolerance = max(TOLERANCE.get(case.in_dtype, 0.0), TOLERANCE.get(case.out_dtype, 0.0))
@@ -432,115 +385,60 @@ def _measure(context: BenchContext, provider: Provider, rows: int, dim: int) -> 
             ("fwd", case.fwd, y_error, None),
             ("fwd+bwd", case.fwd_bwd, max(y_error, dx_error), param_error),
         ):
-            good = _within(error, tolerance) and (
+            good = common.within(error, tolerance) and (
                 param_error_or_none is None
-                or _within(param_error_or_none, PARAM_TOLERANCE_FACTOR * tolerance)
+                or common.within(param_error_or_none, PARAM_TOLERANCE_FACTOR * tolerance)
             )
             context.say(f"layernorm {rows}x{dim} {pass_:<7} {provider.name}")
-            ms = context.timer(fn)
-            host_ms = context.timer.host_ms(fn)
-            # Within 10% of the event time: the GPU may have waited for launches.
-            host_bound = host_ms is not None and host_ms >= 0.9 * ms
+            ms, host_ms, note = common.time_call(context, fn)
             nbytes = must_move_bytes(pass_, rows, dim, case.in_dtype, case.out_dtype)
             gbps = nbytes / (ms * 1e-3) / 1e9
-            records.append(
-                _record(
-                    provider,
-                    rows,
-                    dim,
-                    pass_,
-                    "ok",
-                    context.dtype,
-                    in_dtype=dtype_name(case.in_dtype),
-                    out_dtype=dtype_name(case.out_dtype),
-                    ms=ms,
-                    bytes=nbytes,
-                    GBps=gbps,
-                    copy_fraction=gbps / context.copy_gbps if context.copy_gbps > 0 else None,
-                    max_rel_err=error,
-                    param_rel_err=param_error_or_none,
-                    check="ok" if good else "MISMATCH",
-                    host_ms=host_ms,
-                    note=f"host-bound: {host_ms:.3f} ms to launch" if host_bound else "",
-                )
+            yield _record(
+                provider,
+                shape,
+                pass_,
+                "ok",
+                context.dtype,
+                in_dtype=dtype_name(case.in_dtype),
+                out_dtype=dtype_name(case.out_dtype),
+                ms=ms,
+                bytes=nbytes,
+                GBps=gbps,
+                copy_fraction=gbps / context.copy_gbps if context.copy_gbps > 0 else None,
+                max_rel_err=error,
+                param_rel_err=param_error_or_none,
+                check="ok" if good else "MISMATCH",
+                host_ms=host_ms,
+                note=note,
             )
-    except Exception as error:  # one broken provider must not stop the others
-        note = _first_line(error)
-        records += [
-            _record(provider, rows, dim, pass_, "error", context.dtype, note=note)
-            for pass_ in PASSES[len(records) :]
-        ]
-    if context.device.type == "cuda":
-        try:
-            torch.cuda.synchronize(context.device)
-            torch.cuda.empty_cache()
-        except Exception:  # a broken CUDA context: the next provider will record its own error
-            pass
-    return records
 
-
-def _within(error: float, tolerance: float) -> bool:
-    return math.isfinite(error) and error <= tolerance
-
-
-def _add_speedups(records: list[Record]) -> None:
-    times = {
-        (r["shape"], r["pass"], r["provider"]): r["ms"] for r in records if r["status"] == "ok"
-    }
-    for record in records:
-        baseline_ms = times.get((record["shape"], record["pass"], record["baseline"]))
-        if record["status"] == "ok" and baseline_ms:
-            record["speedup"] = baseline_ms / record["ms"]
+    return common.measure_passes(context, provider, shape, body(), _record)
 
 
 def run(
     context: BenchContext, shapes: Sequence[tuple[int, ...]] | None = None
 ) -> tuple[list[Record], list[str]]:
     """Time every provider at every shape, both passes. Returns (records, notes)."""
-    notes: list[str] = []
-    on_gpu = context.device.type == "cuda"
-    if shapes is None:
-        if context.quick:
-            shapes = QUICK_SHAPES
-            notes.append(
-                "--quick: small shapes and few repetitions; the numbers are not meaningful"
-            )
-        elif on_gpu:
-            shapes = SHAPES
-        else:
-            shapes = tuple((max(rows // CPU_ROW_DIVISOR, 1), dim) for rows, dim in SHAPES)
-            notes.append(
-                f"no GPU: the default shapes were scaled down to rows/{CPU_ROW_DIVISOR} for the CPU"
-            )
-    if not on_gpu:
-        notes.append(
-            "GPU kernels (triton, cuda, apex, liger) were not timed: no CUDA GPU. The CPU times of "
-            "the torch paths only show that the benchmark runs."
-        )
-    records: list[Record] = []
-    for rows, dim in shapes:
-        shape_records: list[Record] = []
-        for provider in PROVIDERS:
-            status, why = provider_status(
-                provider, context.device, context.dtype, compile_on_cpu=context.compile_on_cpu
-            )
-            if status != "ok":
-                shape_records += [
-                    _record(provider, rows, dim, pass_, status, context.dtype, note=why)
-                    for pass_ in PASSES
-                ]
-                continue
-            shape_records += _measure(context, provider, rows, dim)
-        _add_speedups(shape_records)
-        records += shape_records
+    shapes, notes = common.choose_shapes(
+        context,
+        shapes,
+        full=SHAPES,
+        quick=QUICK_SHAPES,
+        cpu=tuple((max(rows // CPU_ROW_DIVISOR, 1), dim) for rows, dim in SHAPES),
+        cpu_scaling=f"rows/{CPU_ROW_DIVISOR}",
+        gpu_kernels=[
+            provider.name
+            for provider in PROVIDERS
+            if provider.gpu_kernel and "+" not in provider.name
+        ],
+    )
+    records = common.run_providers(
+        context, shapes, PROVIDERS, status=provider_status, measure=_measure, record=_record
+    )
     return records, notes
 
 
 # --- tables --------------------------------------------------------------------------------------
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _dtypes(record: Record) -> str:
@@ -551,42 +449,29 @@ def _dtypes(record: Record) -> str:
     return f"{record['in_dtype']}->{record['out_dtype']}"
 
 
+def _cells(record: Record) -> list[str]:
+    return [
+        record["shape"],
+        record["pass"],
+        record["provider"],
+        _dtypes(record),
+        common.number(record["ms"], 4),
+        common.number(record["GBps"], 0),
+        common.percent(record["copy_fraction"]),
+        common.speedup(record["speedup"]),
+        "-" if record["max_rel_err"] is None else f"{record['max_rel_err']:.1e}",
+        "MISMATCH" if record["check"] == "MISMATCH" else record["note"],
+    ]
+
+
 def table(records: Sequence[Record]) -> Table:
     """One row per timed provider x shape x pass; skipped providers are listed under the table."""
-    result = Table(
+    result = common.provider_table(
         "LayerNorm (median ms; GB/s of must-move bytes; copy = fraction of the copy bandwidth)",
         ["shape", "pass", "provider", "dtypes", "ms", "GB/s", "copy", "vs base", "err", "note"],
+        records,
+        _cells,
     )
-    left_out: dict[tuple[str, str], list[str]] = {}
-    shapes = list(dict.fromkeys(record["shape"] for record in records))
-    # Grouped by shape, then pass; providers in the order they ran.
-    ordered = sorted(records, key=lambda r: (shapes.index(r["shape"]), PASSES.index(r["pass"])))
-    for record in ordered:
-        if record["status"] in ("ok", "error"):
-            speedup = record["speedup"]
-            result.rows.append(
-                [
-                    record["shape"],
-                    record["pass"],
-                    record["provider"],
-                    _dtypes(record),
-                    _number(record["ms"], 4),
-                    _number(record["GBps"], 0),
-                    "-"
-                    if record["copy_fraction"] is None
-                    else f"{100 * record['copy_fraction']:.0f}%",
-                    "-" if speedup is None else f"{speedup:.2f}x",
-                    "-" if record["max_rel_err"] is None else f"{record['max_rel_err']:.1e}",
-                    "MISMATCH" if record["check"] == "MISMATCH" else record["note"],
-                ]
-            )
-        else:
-            providers = left_out.setdefault((record["status"], record["note"]), [])
-            if record["provider"] not in providers:
-                providers.append(record["provider"])
-    for (status, why), providers in left_out.items():
-        prefix = "" if why.startswith(status) else f"{status}: "
-        result.notes.append(f"{', '.join(providers)}: {prefix}{why}")
     result.notes.append(
         "vs base: the torch eager time over this one (torch+autocast for the +autocast rows); "
         "err: max |out - float64 ref| / max |ref|"
@@ -623,23 +508,17 @@ def headline(records: Sequence[Record]) -> Table | None:
                 verdict = "met" if met else "below target"
             else:
                 target = f">= {TARGET_TBPS} TB/s (floor {FLOOR_TBPS})"
-                verdict = (
-                    "goal met"
-                    if tbps >= TARGET_TBPS
-                    else "floor met"
-                    if tbps >= FLOOR_TBPS
-                    else "below floor"
-                )
+                verdict = common.verdict(tbps, TARGET_TBPS, FLOOR_TBPS, higher_is_better=True)
         if record["check"] == "MISMATCH":
             verdict = "MISMATCH: wrong results"
         result.rows.append(
             [
                 record["provider"],
                 _dtypes(record),
-                _number(record["ms"], 4),
+                common.number(record["ms"], 4),
                 f"{tbps:.2f}",
-                "-" if record["copy_fraction"] is None else f"{100 * record['copy_fraction']:.0f}%",
-                "-" if record["speedup"] is None else f"{record['speedup']:.2f}x",
+                common.percent(record["copy_fraction"]),
+                common.speedup(record["speedup"]),
                 target,
                 verdict,
             ]

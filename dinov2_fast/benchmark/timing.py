@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timer", "copy_bandwidth_gbps"]
+__all__ = ["Timer", "copy_bandwidth_gbps", "synchronized"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,16 @@ def copy_bandwidth_gbps(timer: Timer, nbytes: int | None = None) -> float:
     target = torch.empty_like(source)
     ms = timer(lambda: target.copy_(source))
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """``fn`` followed by a wait for the GPU when ``device`` is CUDA (``fn`` itself elsewhere): for
+    wall-clock timers such as pytest-benchmark's, which count the launch overhead too."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    return call
