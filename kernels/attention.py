@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+from . import AOT_DTYPE_NAMES, INTERPRETED
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 # Rows per program of _attn_bwd_preprocess: a [64, BLOCK_D] tile of dO and O, 4 warps.
@@ -707,7 +707,6 @@ def attention_bwd(
 
 # --- ahead-of-time compiles ----------------------------------------------------------------------
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Sequence lengths that reach every row of the tile tables: both forward BLOCK_M choices (257 pads
 # less with 64 rows, 197 does not) and the long-sequence backward tiles.
 _AOT_SEQLENS = (257, 197, _LONG_SEQUENCE)
@@ -744,7 +743,8 @@ def aot_configurations():
     loops are software-pipelined, which is what costs shared memory)."""
     for head_dim in HEAD_DIMS:
         block_d = triton.next_power_of_2(head_dim)
-        for dtype, name in _TRITON_DTYPES.items():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            name = AOT_DTYPE_NAMES[str(dtype).removeprefix("torch.")]
             yield (
                 _attn_bwd_preprocess,
                 _signature(_attn_bwd_preprocess, name, False),

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import AOT_DTYPE_NAMES
+
 MAX_DIM = 16384
 # Elements one program keeps per tensor: rows per program are chosen to fill this, warps to give
 # each thread about 8-16 of them.
@@ -271,9 +273,6 @@ def layer_norm_bwd(
     return dx, dweight, dbias
 
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def aot_configurations():
     """Yield ``(kernel, signature, constexprs, num_warps)`` for every configuration the launchers
     can pick, for ahead-of-time compiles without a GPU: each tile (one per power-of-two width up
@@ -281,8 +280,8 @@ def aot_configurations():
     """
     bf16, fp32 = "bf16", "fp32"
     cases = [(d, bf16, bf16, fp32, True, True) for d in (2**i for i in range(15))]
-    for x_dt in _TRITON_DTYPES.values():
-        for y_dt in _TRITON_DTYPES.values():
+    for x_dt in AOT_DTYPE_NAMES.values():
+        for y_dt in AOT_DTYPE_NAMES.values():
             for has_weight in (False, True):
                 for has_bias in (False, True):
                     cases.append((1024, x_dt, y_dt, x_dt, has_weight, has_bias))
