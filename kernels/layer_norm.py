@@ -274,10 +274,27 @@ def layer_norm_bwd(
 
 
 def aot_configurations():
-    """Yield ``(kernel, signature, constexprs, num_warps)`` for every configuration the launchers
-    can pick, for ahead-of-time compiles without a GPU: each tile (one per power-of-two width up
-    to MAX_DIM) with bf16 rows and fp32 parameters, and every dtype and flag combination at D=1024.
-    """
+    """Yield ``(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16)`` for every
+    configuration the launchers can pick, for ahead-of-time compiles without a GPU: each tile (one
+    per power-of-two width up to MAX_DIM) with bf16 rows and fp32 parameters, and every dtype and
+    flag combination at D=1024. Specialized as a usual call is: pointers 16-byte aligned, and D and
+    the row strides multiples of 16 when the width is (the JIT then pipelines the backward's row
+    loop through shared memory, which is what the compile test must see)."""
+    for kernel, signature, constexprs, num_warps in _aot_cases():
+        wide = constexprs["BLOCK_D"] >= 16
+        divisible = tuple(
+            name
+            for name, kind in signature.items()
+            if kind.startswith("*") or (wide and (name == "D" or name.startswith("stride_")))
+        )
+        yield kernel, signature, constexprs, num_warps, _DEFAULT_STAGES, divisible
+
+
+# What the launchers get when they pass no num_stages (Triton's default for CUDA).
+_DEFAULT_STAGES = 3
+
+
+def _aot_cases():
     bf16, fp32 = "bf16", "fp32"
     cases = [(d, bf16, bf16, fp32, True, True) for d in (2**i for i in range(15))]
     for x_dt in AOT_DTYPE_NAMES.values():
