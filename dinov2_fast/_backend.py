@@ -92,7 +92,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _check_name(backend: object, where: str) -> str:
+def check_name(backend: object, where: str = "backend") -> str:
+    """``backend`` if it is one of BACKENDS, else a ValueError naming ``where``."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(
             f"{where} must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
@@ -105,10 +106,10 @@ def _check_name(backend: object, where: str) -> str:
 @torch.compiler.assume_constant_result
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend for one call of ``op`` on ``device``; raises if it cannot run there."""
-    _check_name(backend, "backend")
+    check_name(backend, "backend")
     implemented = AUTO_PREFERENCE[op]
     if backend == "auto" and device.type == "cuda":
-        override = _check_name(os.environ.get(ENV_BACKEND, "auto"), ENV_BACKEND)
+        override = check_name(os.environ.get(ENV_BACKEND, "auto"), ENV_BACKEND)
         # A global override names a backend this op may not have: then "auto" decides.
         backend = override if override in implemented else "auto"
     if backend == "auto":

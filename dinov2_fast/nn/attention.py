@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dinov2_fast import _backend
-from dinov2_fast.ops.attention import _run, attention_qkvpacked
+from dinov2_fast.ops.attention import _run, attention_qkvpacked, check_attn_bias
 from dinov2_fast.ops.block_diagonal_mask import BlockDiagonalMask
 
 __all__ = ["Attention", "MemEffAttention"]
@@ -37,17 +37,13 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if backend not in _backend.BACKENDS:
-            raise ValueError(
-                f"backend must be one of {', '.join(map(repr, _backend.BACKENDS))}, got {backend!r}"
-            )
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.backend = backend
+        self.backend = _backend.check_name(backend)
 
     def forward(self, x: torch.Tensor, attn_bias: BlockDiagonalMask | None = None) -> torch.Tensor:
         batch, tokens, channels = x.shape
@@ -62,11 +58,7 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.reshape(batch, tokens, channels)))
 
     def _packed(self, qkv: torch.Tensor, attn_bias: BlockDiagonalMask) -> torch.Tensor:
-        if not isinstance(attn_bias, BlockDiagonalMask):
-            raise TypeError(
-                f"attn_bias must be None or a dinov2_fast BlockDiagonalMask, got "
-                f"{type(attn_bias).__name__}"
-            )
+        check_attn_bias(attn_bias)
         if qkv.shape[0] != 1:
             raise ValueError(
                 f"x must be the packed [1, T, C] sequence with a BlockDiagonalMask, got batch "

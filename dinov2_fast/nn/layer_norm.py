@@ -33,11 +33,7 @@ class LayerNorm(torch.nn.LayerNorm):
         backend: str = "auto",
     ) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        if backend not in _backend.BACKENDS:
-            raise ValueError(
-                f"backend must be one of {', '.join(map(repr, _backend.BACKENDS))}, got {backend!r}"
-            )
-        self.backend = backend
+        self.backend = _backend.check_name(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in FLOAT_DTYPES:

@@ -122,11 +122,7 @@ def memory_efficient_attention(
         )
     if attn_bias is None:
         return attention(q, k, v, scale=scale, backend=backend)
-    if not isinstance(attn_bias, BlockDiagonalMask):
-        raise TypeError(
-            f"attn_bias must be None or a dinov2_fast BlockDiagonalMask, got "
-            f"{type(attn_bias).__name__}"
-        )
+    check_attn_bias(attn_bias)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_input(name, t, q, 4, "[1, T, H, D]")
     if q.shape[0] != 1 or q.shape[1] != attn_bias.total:
@@ -155,6 +151,15 @@ def _check_input(name: str, t, reference, rank: int, layout: str) -> None:
         raise ValueError(
             f"{name} must have q's shape {list(reference.shape)} (self-attention), "
             f"got {list(t.shape)}"
+        )
+
+
+def check_attn_bias(attn_bias: object) -> None:
+    """A TypeError unless attn_bias is a BlockDiagonalMask (the one mask the kernels take)."""
+    if not isinstance(attn_bias, BlockDiagonalMask):
+        raise TypeError(
+            f"attn_bias must be None or a dinov2_fast BlockDiagonalMask, got "
+            f"{type(attn_bias).__name__}"
         )
 
 
