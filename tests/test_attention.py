@@ -92,8 +92,10 @@ def test_qkvpacked_reads_in_place_and_returns_one_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_packed_sequences_match_per_segment_reference(backend):
-    seqlens = [5, 1, 37, 2, 50]
+@pytest.mark.parametrize(
+    "seqlens", [[5, 1, 37, 2, 50], [4, 4, 4, 9, 9, 1, 4]], ids=["ragged", "runs"]
+)
+def test_packed_sequences_match_per_segment_reference(backend, seqlens):
     cu_seqlens = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
     inputs = _qkv((sum(seqlens), 3, 32))
     _check_with_gradients(

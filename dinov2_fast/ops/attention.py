@@ -258,16 +258,31 @@ def _run(q, k, v, qkv, scale, cu_seqlens, max_seqlen, backend: str) -> torch.Ten
 
 
 def _torch_attention(q, k, v, scale, seqlens) -> torch.Tensor:
-    """The reference: SDPA over ``[B, H, N, D]`` views, once per packed segment when packed."""
+    """The reference: SDPA over ``[B, H, N, D]`` views. Packed, one SDPA call per run of
+    consecutive segments of equal length (a crop group), as a batch of those segments."""
     if seqlens is None:
         heads_first = (t.transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(*heads_first, scale=scale)
         return out.transpose(1, 2).contiguous()
+    runs = _equal_length_runs(seqlens)
     outs = []
-    for qs, ks, vs in zip(*(t.split(list(seqlens)) for t in (q, k, v))):
-        heads_first = (t.transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs))
-        outs.append(F.scaled_dot_product_attention(*heads_first, scale=scale)[0].transpose(0, 1))
-    return torch.cat(outs)
+    for parts in zip(*(t.split([count * length for count, length in runs]) for t in (q, k, v))):
+        count, length = runs[len(outs)]
+        batched = (t.view(count, length, *t.shape[1:]).transpose(1, 2) for t in parts)
+        out = F.scaled_dot_product_attention(*batched, scale=scale)
+        outs.append(out.transpose(1, 2).reshape(count * length, out.shape[1], out.shape[-1]))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _equal_length_runs(seqlens) -> list[tuple[int, int]]:
+    """``(count, length)`` for each run of consecutive equal sequence lengths."""
+    runs: list[tuple[int, int]] = []
+    for length in seqlens:
+        if runs and runs[-1][1] == length:
+            runs[-1] = (runs[-1][0] + 1, length)
+        else:
+            runs.append((1, length))
+    return runs
 
 
 # --- the custom ops ------------------------------------------------------------------------------
