@@ -4,6 +4,11 @@ Layout: x is viewed as ``[M, D]`` rows with unit stride along ``D`` and any row 
 program holds whole rows in registers (``BLOCK_D = next_pow2(D)``), so x is read once in the
 forward and x, dy once each in the backward; statistics and all math are fp32.
 
+Gathered (``index`` given, ``HAS_INDEX``): x is a sample tensor ``[B, N, D]`` (unit stride along D,
+any strides along B and N) and the rows normalised are ``x[index[j], n]``, output row ``j·N + n``;
+the gather is fused into the loads (no ``x[index]`` copy), and the backward writes dx rows back at
+the gathered positions of a zero-filled ``[B, N, D]``.
+
 The backward writes one fp32 partial row of dweight/dbias per program (programs walk a fixed set
 of row blocks), then ``_layer_norm_bwd_dwdb`` sums the partial rows in a fixed order: the result is
 the same bits run to run, with no atomics.
@@ -16,6 +21,8 @@ import triton
 import triton.language as tl
 
 from . import AOT_DTYPE_NAMES
+from ._indexing import AOT_DEFAULT_STAGES, aot_divisible, max_programs
+from ._indexing import sample_rows as _sample_rows
 
 MAX_DIM = 16384
 # Elements one program keeps per tensor: rows per program are chosen to fill this, warps to give
@@ -35,13 +42,17 @@ def _layer_norm_fwd(
     B,
     Mean,
     Rstd,
+    Index,
     M,
+    N,
     D,
     stride_x,
+    stride_xb,
     stride_y,
     eps,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -51,7 +62,13 @@ def _layer_norm_fwd(
     col_ok = cols < D
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_INDEX:
+        # Row j·N + n is x[index[j], n]: stride_x is the stride along N, stride_xb along B.
+        _, n, b = _sample_rows(rows, row_ok, N, Index)
+        x_rows = (b * stride_xb + n * stride_x)[:, None]
+    else:
+        x_rows = rows64 * stride_x
+    x = tl.load(X + x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # Two passes over registers (mean, then centred variance): exact enough for fp32 residual streams.
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -76,13 +93,18 @@ def _layer_norm_bwd_dx(
     Rstd,
     DX,
     Partial,
+    Index,
     M,
+    N,
     D,
     stride_dy,
     stride_x,
+    stride_xb,
     stride_dx,
+    stride_dxb,
     HAS_WEIGHT: tl.constexpr,
     NEED_PARTIAL: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -100,7 +122,15 @@ def _layer_norm_bwd_dx(
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_INDEX:
+            # x and dx are [B, N, D]: row j·N + n lives at sample index[j], token n.
+            _, n, b = _sample_rows(rows, row_ok, N, Index)
+            x_rows = (b * stride_xb + n * stride_x)[:, None]
+            dx_rows = (b * stride_dxb + n * stride_dx)[:, None]
+        else:
+            x_rows = rows64 * stride_x
+            dx_rows = rows64 * stride_dx
+        x = tl.load(X + x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
@@ -112,7 +142,7 @@ def _layer_norm_bwd_dx(
         c1 = tl.sum(xhat * wdy, axis=1) / D
         c2 = tl.sum(wdy, axis=1) / D
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + dx_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_PARTIAL:
             dw_acc += tl.sum(dy * xhat, axis=0)
             db_acc += tl.sum(dy, axis=0)
@@ -163,10 +193,16 @@ def _tile(dim: int) -> tuple[int, int, int]:
 
 def _num_programs(device: torch.device, row_blocks: int) -> int:
     """Programs of the backward: enough to fill the GPU, few enough to keep partial rows cheap."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(row_blocks, 4 * sms))
-    return max(1, min(row_blocks, 4))  # the interpreter runs programs one by one
+    return max(1, min(row_blocks, max_programs(device)))
+
+
+def _gathered_rows(x: torch.Tensor, index: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+    """(rows, N, D, stride along N or rows, stride along B) of plain ``[M, D]`` or gathered x."""
+    if index is None:
+        rows, dim = x.shape
+        return rows, 1, dim, x.stride(0), 0
+    _, tokens, dim = x.shape
+    return index.numel() * tokens, tokens, dim, x.stride(1), x.stride(0)
 
 
 def layer_norm_fwd(
@@ -175,15 +211,26 @@ def layer_norm_fwd(
     bias: torch.Tensor | None,
     eps: float,
     out_dtype: torch.dtype,
+    index: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
+    rstd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm forward of ``x: [M, D]`` (unit stride along D).
+    """LayerNorm forward of ``x: [M, D]`` rows, or with ``index: [k]`` (int32/int64, contiguous)
+    of the gathered rows ``x[index[j], n]`` of a sample tensor ``x: [B, N, D]`` (row ``j·N + n``,
+    ``M = k·N``). x has unit stride along D.
 
-    Returns ``y: [M, D]`` (contiguous, ``out_dtype``), ``mean`` and ``rstd: [M]`` (fp32).
-    """
-    rows, dim = x.shape
-    y = torch.empty((rows, dim), dtype=out_dtype, device=x.device)
-    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    Returns ``y: [M, D]`` (``out_dtype``), ``mean`` and ``rstd: [M]`` (fp32). Each may be given
+    preallocated: ``y`` with unit stride along D and any row stride (a slice of a packed buffer;
+    its own dtype is used), ``mean``/``rstd`` contiguous fp32; otherwise they are new and
+    contiguous."""
+    rows, tokens, dim, stride_x, stride_xb = _gathered_rows(x, index)
+    if y is None:
+        y = torch.empty((rows, dim), dtype=out_dtype, device=x.device)
+    if mean is None:
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rstd is None:
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, mean, rstd
     block_m, block_d, num_warps = _tile(dim)
@@ -194,13 +241,17 @@ def layer_norm_fwd(
         bias,
         mean,
         rstd,
+        index,
         rows,
+        tokens,
         dim,
-        x.stride(0),
+        stride_x,
+        stride_xb,
         y.stride(0),
         eps,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        HAS_INDEX=index is not None,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         num_warps=num_warps,
@@ -216,11 +267,21 @@ def layer_norm_bwd(
     rstd: torch.Tensor,
     has_bias: bool,
     param_dtype: torch.dtype,
+    index: torch.Tensor | None = None,
+    dx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """LayerNorm backward: ``dx: [M, D]`` in x's dtype, ``dweight``/``dbias: [D]`` in
-    ``param_dtype`` (None when there is no weight / bias). dy and x have unit stride along D."""
-    rows, dim = x.shape
-    dx = torch.empty((rows, dim), dtype=x.dtype, device=x.device)
+    """LayerNorm backward: ``dx`` in x's dtype, ``dweight``/``dbias: [D]`` in ``param_dtype``
+    (None when there is no weight / bias). dy and x have unit stride along D.
+
+    Plain: ``x, dy, dx: [M, D]``. Gathered (``index: [k]``, as in the forward): ``x: [B, N, D]``,
+    ``dy: [k·N, D]``, and dx rows are written at x's gathered positions into ``dx: [B, N, D]``
+    (given zero-filled, with unit stride along D, or new zeros); samples not in index keep their
+    zeros. A given ``dx`` is used in the plain case too (unit stride along D, any row stride)."""
+    rows, tokens, dim, stride_x, stride_xb = _gathered_rows(x, index)
+    if dx is None:
+        new = torch.empty if index is None else torch.zeros
+        dx = new(x.shape, dtype=x.dtype, device=x.device)
+    stride_dx, stride_dxb = (dx.stride(0), 0) if index is None else (dx.stride(1), dx.stride(0))
     has_weight = weight is not None
     dweight = torch.empty(dim, dtype=param_dtype, device=x.device) if has_weight else None
     dbias = torch.empty(dim, dtype=param_dtype, device=x.device) if has_bias else None
@@ -245,13 +306,18 @@ def layer_norm_bwd(
         rstd,
         dx,
         partial,
+        index,
         rows,
+        tokens,
         dim,
         dy.stride(0),
-        x.stride(0),
-        dx.stride(0),
+        stride_x,
+        stride_xb,
+        stride_dx,
+        stride_dxb,
         HAS_WEIGHT=has_weight,
         NEED_PARTIAL=need_partial,
+        HAS_INDEX=index is not None,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         num_warps=num_warps,
@@ -276,60 +342,69 @@ def layer_norm_bwd(
 def aot_configurations():
     """Yield ``(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16)`` for every
     configuration the launchers can pick, for ahead-of-time compiles without a GPU: each tile (one
-    per power-of-two width up to MAX_DIM) with bf16 rows and fp32 parameters, and every dtype and
-    flag combination at D=1024. Specialized as a usual call is: pointers 16-byte aligned, and D and
-    the row strides multiples of 16 when the width is (the JIT then pipelines the backward's row
-    loop through shared memory, which is what the compile test must see)."""
+    per power-of-two width up to MAX_DIM) with bf16 rows and fp32 parameters, plain and gathered
+    (int64 index), and every dtype and flag combination at D=1024, plain and gathered with either
+    index dtype. Specialized as a usual call is: pointers 16-byte aligned, and D and the strides
+    multiples of 16 when the width is (the JIT then pipelines the backward's row loop through
+    shared memory, which is what the compile test must see)."""
     for kernel, signature, constexprs, num_warps in _aot_cases():
-        wide = constexprs["BLOCK_D"] >= 16
-        divisible = tuple(
-            name
-            for name, kind in signature.items()
-            if kind.startswith("*") or (wide and (name == "D" or name.startswith("stride_")))
-        )
-        yield kernel, signature, constexprs, num_warps, _DEFAULT_STAGES, divisible
-
-
-# What the launchers get when they pass no num_stages (Triton's default for CUDA).
-_DEFAULT_STAGES = 3
+        divisible = aot_divisible(signature, constexprs["BLOCK_D"] >= 16)
+        yield kernel, signature, constexprs, num_warps, AOT_DEFAULT_STAGES, divisible
 
 
 def _aot_cases():
     bf16, fp32 = "bf16", "fp32"
-    cases = [(d, bf16, bf16, fp32, True, True) for d in (2**i for i in range(15))]
+    cases = [
+        (d, bf16, bf16, fp32, True, True, index_dt)
+        for d in (2**i for i in range(15))
+        for index_dt in (None, "i64")
+    ]
     for x_dt in AOT_DTYPE_NAMES.values():
         for y_dt in AOT_DTYPE_NAMES.values():
             for has_weight in (False, True):
                 for has_bias in (False, True):
-                    cases.append((1024, x_dt, y_dt, x_dt, has_weight, has_bias))
+                    for index_dt in (None, "i32", "i64"):
+                        cases.append((1024, x_dt, y_dt, x_dt, has_weight, has_bias, index_dt))
     reduce_blocks = set()
-    for dim, x_dt, y_dt, w_dt, has_weight, has_bias in cases:
+    for dim, x_dt, y_dt, w_dt, has_weight, has_bias, index_dt in cases:
         block_m, block_d, num_warps = _tile(dim)
         weight_sig = f"*{w_dt}" if has_weight else "constexpr"
         bias_sig = f"*{w_dt}" if has_bias else "constexpr"
+        index_sig = "constexpr" if index_dt is None else f"*{index_dt}"
         tiles = {"BLOCK_M": block_m, "BLOCK_D": block_d}
         need_partial = has_weight or has_bias
         absent = {
-            name: None for name, present in (("W", has_weight), ("B", has_bias)) if not present
+            name: None
+            for name, present in (
+                ("W", has_weight),
+                ("B", has_bias),
+                ("Index", index_dt is not None),
+            )
+            if not present
         }
         yield (
             _layer_norm_fwd,
             {"X": f"*{x_dt}", "Y": f"*{y_dt}", "W": weight_sig, "B": bias_sig, "Mean": "*fp32",
-             "Rstd": "*fp32", "M": "i32", "D": "i32", "stride_x": "i32", "stride_y": "i32",
-             "eps": "fp32", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
+             "Rstd": "*fp32", "Index": index_sig, "M": "i32", "N": "i32", "D": "i32",
+             "stride_x": "i32", "stride_xb": "i32", "stride_y": "i32", "eps": "fp32",
+             "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "HAS_INDEX": "constexpr",
              "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-            {**absent, "HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, **tiles},
+            {**absent, "HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias,
+             "HAS_INDEX": index_dt is not None, **tiles},
             num_warps,
         )  # fmt: skip
         yield (
             _layer_norm_bwd_dx,
             {"DY": f"*{y_dt}", "X": f"*{x_dt}", "W": weight_sig, "Mean": "*fp32", "Rstd": "*fp32",
-             "DX": f"*{x_dt}", "Partial": "*fp32" if need_partial else "constexpr", "M": "i32", "D": "i32", "stride_dy": "i32",
-             "stride_x": "i32", "stride_dx": "i32", "HAS_WEIGHT": "constexpr",
-             "NEED_PARTIAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+             "DX": f"*{x_dt}", "Partial": "*fp32" if need_partial else "constexpr",
+             "Index": index_sig, "M": "i32", "N": "i32", "D": "i32", "stride_dy": "i32",
+             "stride_x": "i32", "stride_xb": "i32", "stride_dx": "i32", "stride_dxb": "i32",
+             "HAS_WEIGHT": "constexpr", "NEED_PARTIAL": "constexpr", "HAS_INDEX": "constexpr",
+             "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
             {**({} if has_weight else {"W": None}), **({} if need_partial else {"Partial": None}),
-             "HAS_WEIGHT": has_weight,
-             "NEED_PARTIAL": need_partial, **tiles},
+             **({} if index_dt is not None else {"Index": None}),
+             "HAS_WEIGHT": has_weight, "NEED_PARTIAL": need_partial,
+             "HAS_INDEX": index_dt is not None, **tiles},
             num_warps,
         )  # fmt: skip
         reduce_key = (min(_REDUCE_BLOCK_D, block_d), w_dt, has_weight, has_bias)
