@@ -24,6 +24,10 @@ ENV_BACKEND = "DINOV2_FAST_BACKEND"
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "layer_norm": ("triton", "cuda", "torch"),
     "attention": ("triton", "torch"),  # no CUDA attention kernel yet
+    # Stochastic depth: no CUDA kernels yet (issue 9).
+    "index_select_cat": ("triton", "torch"),
+    "scaled_index_add": ("triton", "torch"),
+    "index_select_layer_norm": ("triton", "torch"),
 }
 
 BUILD_HINT = (

@@ -12,8 +12,10 @@ from dinov2_fast.ops.attention import (
     memory_efficient_attention,
 )
 from dinov2_fast.ops.block_diagonal_mask import BlockDiagonalMask
+from dinov2_fast.ops.index_select_cat import index_select_cat
 from dinov2_fast.ops.layer_norm import MAX_DIM as LAYER_NORM_MAX_DIM
 from dinov2_fast.ops.layer_norm import layer_norm
+from dinov2_fast.ops.scaled_index_add import scaled_index_add
 
 __all__ = [
     "ATTENTION_HEAD_DIMS",
@@ -21,6 +23,8 @@ __all__ = [
     "LAYER_NORM_MAX_DIM",
     "attention",
     "attention_qkvpacked",
+    "index_select_cat",
     "layer_norm",
     "memory_efficient_attention",
+    "scaled_index_add",
 ]

@@ -54,3 +54,52 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
     """Kernels read rows by a row stride but need unit stride along the last dimension."""
     return tensor if tensor.shape[-1] <= 1 or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_index(
+    name: str, index: object, size: int, device: torch.device, *, validate: bool
+) -> torch.Tensor:
+    """A 1-D int32/int64 tensor on ``device``; with ``validate``, also every value in
+    ``[0, size)`` and no value twice (read on the host: a device sync for a CUDA tensor)."""
+    check_tensor(name, index)
+    if index.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {list(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"{name} must be on {device} (the data's device), got {index.device}")
+    if validate and index.numel():
+        values = index.tolist()
+        low, high = min(values), max(values)
+        if low < 0 or high >= size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} must hold values in [0, {size}), got {bad}")
+        if len(set(values)) != len(values):
+            seen: set[int] = set()
+            twice = next(v for v in values if v in seen or seen.add(v))
+            raise ValueError(f"{name} must not repeat a value (got {twice} more than once)")
+    return index
+
+
+def samples_shape(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """``[B, ...]`` as ``[B, N, D]``: D the last dimension, N the product of the middle ones (1 for
+    a missing one). The layout of the stochastic-depth kernels."""
+    dim = tensor.shape[-1] if tensor.dim() > 1 else 1
+    middle = math.prod(tensor.shape[1:-1]) if tensor.dim() > 2 else 1
+    return tensor.shape[0], middle, dim
+
+
+def as_samples(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` reshaped to :func:`samples_shape`: a view where the strides allow."""
+    return tensor.reshape(samples_shape(tensor))
+
+
+def check_finite_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
