@@ -4,15 +4,23 @@
 # Made for a machine without network access: nothing is downloaded.
 #
 #   bash bench/gpu_check.sh              everything; files go to $OUT, or bench/out/ when OUT is unset
-#   bash bench/gpu_check.sh --dry-run    (or GPU_CHECK_DRY=1) no GPU steps: the CLI, a --quick CPU
-#                                        bench and the summary, to check the plumbing without a GPU
+#   bash bench/gpu_check.sh --dry-run    (or GPU_CHECK_DRY=1) no GPU steps: the CLI, --quick CPU
+#                                        benches and the summary, to check the plumbing without a GPU
+#   GPU_CHECK_STEPS="tests block" bash bench/gpu_check.sh
+#                                        only these steps (default: all), in the usual order, of:
+#                                        info tests layernorm attention stochastic-depth block
+#                                        (build always runs; info includes nvidia-smi)
+#   GPU_CHECK_CUDA=0                     build without the CUDA extension (saves ~40 s when no
+#                                        chosen step needs backend='cuda')
+#   GPU_CHECK_TESTS="tests/test_block.py"   the GPU tests to run (default: all of tests/)
 #
-# Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, layernorm.json, bench.log,
-# attention.json, bench-attention.log, summary.txt. Every step has a time limit, and all of them
-# together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes); the attention benchmark
-# keeps 180 s of it. Each benchmark stops starting measurements in time to write its JSON. A failed
-# step does not stop the later ones; the exit status is 1 when any step failed. Environment: PYTHON
-# (default: python, else python3).
+# Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, bench.log (every benchmark's
+# output), NAME.json per benchmark, summary.txt. Every step has a time limit, and all of them
+# together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes). Each benchmark asks for
+# a share (layernorm 100 s, attention 150 s, stochastic-depth 75 s, block 150 s) and keeps what the
+# later ones ask for while that leaves it a third of what is left; it stops starting measurements in
+# time to write its JSON. A failed step does not stop the later ones; the exit status is 1 when any
+# step failed. Environment: PYTHON (default: python, else python3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,7 +30,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
         -h | --help)
-            sed -n '2,15p' "${BASH_SOURCE[0]}"
+            sed -n '2,20p' "${BASH_SOURCE[0]}"
             exit 0
             ;;
         *)
@@ -32,16 +40,44 @@ for arg in "$@"; do
     esac
 done
 
+# The benchmarks in the order they run, and the seconds each asks for.
+BENCHES=(layernorm attention stochastic-depth block)
+declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150)
+KNOWN_STEPS="build info tests ${BENCHES[*]}"
+STEPS="${GPU_CHECK_STEPS:-$KNOWN_STEPS}"
+for name in $STEPS; do
+    if [[ " $KNOWN_STEPS " != *" $name "* ]]; then
+        echo "gpu_check.sh: unknown step in GPU_CHECK_STEPS: $name (known: $KNOWN_STEPS)" >&2
+        exit 2
+    fi
+done
+wanted() {
+    [[ " $STEPS " == *" $1 "* ]]
+}
+
 OUT_DIR="${OUT:-bench/out}"
 mkdir -p "$OUT_DIR"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
+BUILD_CUDA="${GPU_CHECK_CUDA:-1}"
+TEST_PATHS="${GPU_CHECK_TESTS:-tests}"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 CLI=("$PYTHON" -m dinov2_fast.cli)
 
 STATUS=()
 FAILED=0
-ATTENTION_S=180 # the attention benchmark's share of the budget
+RUN_BENCHES=()
+for name in "${BENCHES[@]}"; do
+    if wanted "$name"; then
+        RUN_BENCHES+=("$name")
+    fi
+done
+# Logs are appended to step by step: start them empty, and drop the old reports of the benchmarks
+# this run makes again (a report that is not written this time must not pass for a new one).
+rm -f "$OUT_DIR/build.log" "$OUT_DIR/gpu-tests.log" "$OUT_DIR/bench.log"
+for name in "${RUN_BENCHES[@]}"; do
+    rm -f "$OUT_DIR/$name.json"
+done
 
 # share WANT [RESERVE]: at most WANT seconds of what is left of the budget, keeping RESERVE of it
 # for later steps as long as that leaves this step a third of it.
@@ -59,7 +95,7 @@ bench_limit() {
 }
 
 # step NAME LIMIT_S LOG CMD...: run CMD with a time limit (never past the overall budget). LOG "-"
-# shows the output here; a file keeps it there and shows its last lines if the step fails.
+# shows the output here; a file gets it appended and shows its last lines if the step fails.
 step() {
     local name="$1" limit="$2" log="$3"
     shift 3
@@ -78,7 +114,8 @@ step() {
     if [[ "$log" == "-" ]]; then
         timeout --kill-after=10 "$limit" "$@" || rc=$?
     else
-        timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1 || rc=$?
+        echo "=== $name (limit ${limit}s)" >>"$log"
+        timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1 || rc=$?
     fi
     local took=$((SECONDS - start))
     if ((rc == 0)); then
@@ -98,40 +135,53 @@ step() {
     return 0
 }
 
-echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), output in $OUT_DIR, python $PYTHON"
+echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), output in $OUT_DIR, python $PYTHON, steps: $STEPS"
 if [[ "$DRY" == 1 ]]; then
-    echo "gpu_check: DRY RUN: no build, no GPU tests; a --quick benchmark on the CPU"
-    step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
-    step "bench layernorm --quick (CPU)" 120 "$OUT_DIR/bench.log" \
-        "${CLI[@]}" bench layernorm --quick --device cpu --json "$OUT_DIR/layernorm.json"
-    step "bench attention --quick (CPU)" 120 "$OUT_DIR/bench-attention.log" \
-        "${CLI[@]}" bench attention --quick --device cpu --json "$OUT_DIR/attention.json"
+    echo "gpu_check: DRY RUN: no build, no GPU tests; --quick benchmarks on the CPU"
+    if wanted info; then
+        step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
+    fi
+    for name in "${RUN_BENCHES[@]}"; do
+        step "bench $name --quick (CPU)" 120 "$OUT_DIR/bench.log" \
+            "${CLI[@]}" bench "$name" --quick --device cpu --json "$OUT_DIR/$name.json"
+    done
 else
-    step "nvidia-smi" 30 - nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm \
-        --format=csv
-    step "build (pip install -e ., DINOV2_FAST_CUDA=1)" 300 "$OUT_DIR/build.log" \
-        env DINOV2_FAST_CUDA=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps --no-index -e .
-    step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
-    step "GPU tests (pytest -m gpu tests)" 200 "$OUT_DIR/gpu-tests.log" \
-        "$PYTHON" -m pytest -m gpu tests -x -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml"
-    tail -n 3 "$OUT_DIR/gpu-tests.log" 2>/dev/null || true
-    limit=$(share 240 "$ATTENTION_S")
-    step "bench layernorm" "$limit" "$OUT_DIR/bench.log" \
-        "${CLI[@]}" bench layernorm --time-limit "$(bench_limit "$limit")" \
-        --json "$OUT_DIR/layernorm.json"
-    limit=$(share "$ATTENTION_S")
-    step "bench attention" "$limit" "$OUT_DIR/bench-attention.log" \
-        "${CLI[@]}" bench attention --time-limit "$(bench_limit "$limit")" \
-        --json "$OUT_DIR/attention.json"
+    if wanted info; then
+        step "nvidia-smi" 30 - nvidia-smi \
+            --query-gpu=index,name,driver_version,memory.total,clocks.max.sm --format=csv
+    fi
+    step "build (pip install -e ., DINOV2_FAST_CUDA=$BUILD_CUDA)" 300 "$OUT_DIR/build.log" \
+        env DINOV2_FAST_CUDA="$BUILD_CUDA" "$PYTHON" -m pip install -v --no-build-isolation \
+        --no-deps --no-index -e .
+    if wanted info; then
+        step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
+    fi
+    if wanted tests; then
+        # shellcheck disable=SC2086 # GPU_CHECK_TESTS is a list of paths
+        step "GPU tests (pytest -m gpu $TEST_PATHS)" 200 "$OUT_DIR/gpu-tests.log" \
+            "$PYTHON" -m pytest -m gpu $TEST_PATHS -q -p no:cacheprovider --maxfail=15 --junitxml="$OUT_DIR/gpu-tests.xml"
+        tail -n 3 "$OUT_DIR/gpu-tests.log" 2>/dev/null || true
+    fi
+    for i in "${!RUN_BENCHES[@]}"; do
+        name="${RUN_BENCHES[$i]}"
+        later=0
+        for next in "${RUN_BENCHES[@]:i+1}"; do
+            later=$((later + BENCH_S[$next]))
+        done
+        limit=$(share "${BENCH_S[$name]}" "$later")
+        step "bench $name" "$limit" "$OUT_DIR/bench.log" \
+            "${CLI[@]}" bench "$name" --time-limit "$(bench_limit "$limit")" \
+            --json "$OUT_DIR/$name.json"
+    done
 fi
 
 # The summary, last: the step results, then the numbers the targets are set for.
 {
     echo
-    echo "=== summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s in all)"
+    echo "=== summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s in all; steps: $STEPS)"
     printf '%s\n' "${STATUS[@]}"
-    if [[ -f "$OUT_DIR/info.json" ]]; then
-        "$PYTHON" - "$OUT_DIR/info.json" <<'EOF' || true
+    if wanted info && [[ -f "$OUT_DIR/info.json" ]]; then
+        "$PYTHON" - "$OUT_DIR/info.json" <<'PY' || true
 import json
 import sys
 
@@ -141,9 +191,9 @@ v = info["versions"]
 print(f"GPU: {gpus}; torch {v['torch']} (CUDA {v['torch_cuda']}), triton {v['triton']}")
 for backend, where in info["backends"].items():
     print(f"backend {backend:<6} on CUDA tensors: " + (f"no: {where['cuda']}" if where["cuda"] else "yes"))
-EOF
+PY
     fi
-    for name in layernorm attention; do
+    for name in "${RUN_BENCHES[@]}"; do
         if [[ -f "$OUT_DIR/$name.json" ]]; then
             timeout 60 "${CLI[@]}" report "$OUT_DIR/$name.json" --headline || FAILED=1
         else

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from dinov2_fast import benchmark
-from dinov2_fast.benchmark import attention
+from dinov2_fast.benchmark import attention, block, stochastic_depth
+from dinov2_fast.benchmark.timing import Timer
 from dinov2_fast.cli import main
 
 HAS_GPU = torch.cuda.is_available()
@@ -40,6 +42,22 @@ def attention_report(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str]
     """One `bench attention --quick --device cpu --json PATH` run, shared by the tests below."""
     path = tmp_path_factory.mktemp("bench") / "attention.json"
     done = _cli("bench", "attention", "--quick", "--device", "cpu", "--json", str(path))
+    return done, path
+
+
+@pytest.fixture(scope="module")
+def stochastic_depth_report(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One `bench stochastic-depth --quick --device cpu --json PATH` run."""
+    path = tmp_path_factory.mktemp("bench") / "stochastic-depth.json"
+    done = _cli("bench", "stochastic-depth", "--quick", "--device", "cpu", "--json", str(path))
+    return done, path
+
+
+@pytest.fixture(scope="module")
+def block_report(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One `bench block --quick --device cpu --json PATH` run."""
+    path = tmp_path_factory.mktemp("bench") / "block.json"
+    done = _cli("bench", "block", "--quick", "--device", "cpu", "--json", str(path))
     return done, path
 
 
@@ -136,6 +154,145 @@ def test_time_limit_records_what_it_left_out():
     timed_here = [r for r in report["results"] if r["provider"] in ("naive", "sdpa-math")]
     assert timed_here and all(r["status"] == "skipped" for r in timed_here)
     assert all("out of time" in r["note"] for r in timed_here)
+
+
+def test_bench_stochastic_depth_quick_on_cpu_times_the_torch_paths(stochastic_depth_report, capsys):
+    done, path = stochastic_depth_report
+    assert done.returncode == 0, done.stderr
+    assert "Stochastic depth" in done.stdout and "torch reference" in done.stdout
+    report = json.loads(path.read_text())
+    assert report["device_type"] == "cpu" and report["benchmarks"] == ["stochastic-depth"]
+    results = report["results"]
+    shape = stochastic_depth.QUICK_SHAPES[0]
+    expected = {
+        (op, stream, pass_)
+        for op in stochastic_depth.OPS
+        for stream in ("fp32", "bf16")
+        for pass_ in (("fwd",) if op.endswith("inplace") else ("fwd", "fwd+bwd"))
+    }
+    for provider in ("ours", "torch"):  # ours: backend "auto", the torch reference on the CPU
+        rows = [r for r in results if r["provider"] == provider]
+        assert {(r["op"], r["stream_dtype"], r["pass"]) for r in rows} == expected
+        for row in rows:
+            assert row["status"] == "ok" and row["check"] == "ok", row
+            assert row["ms"] > 0 and row["GBps"] > 0 and row["graph_ms"] is None  # CUDA only
+            assert row["kept"] == list(shape.kept) and row["branch_dtype"] == "bf16"
+            assert row["ours"] == (provider == "ours")
+            assert row["backend"] == ("torch" if provider == "ours" else None)
+    # The byte model, from the module docstring, for the fp32 stream and the bf16 branch.
+    big, kept = shape.elements, shape.kept_elements
+    bytes_of = {
+        (r["op"], r["pass"]): r["bytes"]
+        for r in results
+        if r["provider"] == "torch" and r["stream_dtype"] == "fp32"
+    }
+    assert bytes_of[("index_select_cat", "fwd")] == 2 * kept * 4
+    assert bytes_of[("index_select_cat", "fwd+bwd")] == (3 * kept + big) * 4
+    assert bytes_of[("scaled_index_add", "fwd")] == 2 * big * 4 + kept * 2
+    assert bytes_of[("scaled_index_add", "fwd+bwd")] == 2 * big * 4 + kept * (4 + 3 * 2)
+    assert bytes_of[("scaled_index_add_inplace", "fwd")] == kept * (2 * 4 + 2)
+    compiled = [r for r in results if r["provider"] == "torch.compile"]
+    assert compiled and all(r["status"] == "skipped" for r in compiled)
+    assert main(["report", str(path), "--headline"]) == 0
+    assert "stochastic-depth: no numbers to hold against the targets (not a GPU run)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_bench_block_quick_on_cpu_times_ours_and_stock(block_report, capsys):
+    done, path = block_report
+    assert done.returncode == 0, done.stderr
+    assert "ViT block training step" in done.stdout
+    report = json.loads(path.read_text())
+    assert report["device_type"] == "cpu" and report["benchmarks"] == ["block"]
+    results = report["results"]
+    for provider in ("ours", "torch"):
+        for shape in block.QUICK_SHAPES:
+            rows = [r for r in results if r["provider"] == provider and r["shape"] == shape.name]
+            assert [r["drop_rate"] for r in rows] == list(block.DROP_RATES)  # sorted by rate
+            for row in rows:
+                assert row["status"] == "ok" and row["check"] == "ok", row
+                assert row["pass"] == "fwd+bwd" and row["max_rel_err"] < 3e-2
+                assert row["ms"] > 0 and row["time_ratio"] > 0 and row["speedup"] > 0
+                assert row["peak_MiB"] is None and row["memory_ratio"] is None  # CUDA only
+                assert row["input"] == ("multi-crop" if shape.multi_crop else "batch")
+            assert rows[0]["time_ratio"] == 1.0 and rows[0]["drop_path"] == "none"
+            kinds = [r["drop_path"] for r in rows[1:]]
+            if provider == "torch":
+                assert kinds == ["mask"] * 3 and rows[0]["calls"] == len(shape.groups)
+            elif shape.multi_crop:  # ours packs the list: one call, subsets at every p > 0
+                assert kinds == ["subset"] * 3 and rows[0]["calls"] == 1
+            else:
+                assert kinds == ["mask", "subset", "subset"]
+                batch = shape.groups[0][0]
+                assert rows[-1]["kept"] == [max(int(batch * 0.6), 1)]
+    compiled = [r for r in results if r["provider"] == "torch.compile"]
+    assert compiled and all(r["status"] == "skipped" for r in compiled)
+    assert main(["report", str(path), "--headline"]) == 0
+    assert "block: no numbers to hold against the targets (not a GPU run)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_block_time_limit_records_what_it_left_out():
+    report = benchmark.run(["block"], device=torch.device("cpu"), quick=True, time_limit_s=1e-9)
+    rows = [r for r in report["results"] if r["provider"] in ("ours", "torch")]
+    assert len(rows) == 2 * len(block.QUICK_SHAPES) * len(block.DROP_RATES)
+    assert all(r["status"] == "skipped" and "out of time" in r["note"] for r in rows)
+
+
+def test_cuda_graph_timing_is_cuda_only():
+    ms, why = Timer.for_device(torch.device("cpu"), quick=True).graph_ms(lambda: None)
+    assert ms is None and "CUDA" in why
+
+
+@pytest.mark.gpu
+def test_cuda_graph_timing_replays_a_capture_and_survives_a_failed_one():
+    device = torch.device("cuda", torch.cuda.current_device())
+    timer = Timer.for_device(device, quick=True)
+    x = torch.randn(1 << 20, device=device, requires_grad=True)
+    w = torch.randn(1 << 20, device=device, requires_grad=True)
+
+    def fwd_bwd():  # autograd inside the capture: the gradients are created by the function
+        return torch.autograd.grad((x * w).sum(), [x, w])
+
+    ms, why = timer.graph_ms(fwd_bwd)
+    assert why == "" and ms is not None and ms > 0
+    ms, why = timer.graph_ms(lambda: x.sum().item())  # reads on the host: cannot be captured
+    assert ms is None and why.startswith("CUDA graph capture failed")
+    assert torch.ones(3, device=device).sum().item() == 3  # the device still works
+
+
+@pytest.mark.gpu
+def test_gpu_records_have_graph_times_and_peak_memory():
+    device = torch.device("cuda", torch.cuda.current_device())
+    context = benchmark.BenchContext(
+        device, torch.bfloat16, True, Timer.for_device(device, quick=True), 1000.0
+    )
+    workload = stochastic_depth.Workload(
+        "scaled_index_add", stochastic_depth.QUICK_SHAPES[0], torch.float32, torch.bfloat16
+    )
+    torch_eager = next(p for p in stochastic_depth.PROVIDERS if p.name == "torch")
+    records = stochastic_depth._measure(context, torch_eager, workload)
+    assert [r["status"] for r in records] == ["ok", "ok"] and all(
+        r["check"] == "ok" for r in records
+    )
+    assert all(r["graph_ms"] is not None and r["graph_ms"] > 0 for r in records), records
+    shape = block.QUICK_SHAPES[1]
+    stock = next(p for p in block.PROVIDERS if p.name == "torch")
+    records = block._measure(context, stock, shape, block.Models(device))
+    assert len(records) == len(block.DROP_RATES)
+    for record in records:
+        assert record["status"] == "ok" and record["check"] == "ok", record
+        assert record["peak_MiB"] > 0 and record["graph_ms"] is not None, record
+
+
+def test_stochastic_depth_and_block_shapes_parse():
+    assert stochastic_depth.parse_shapes("64x257x1024+256x50x1024") == [stochastic_depth.STEP]
+    assert block.parse_shapes("64x257x1024, 64x257x1024+256x50x1024") == [
+        block.BATCH,
+        block.MULTI_CROP,
+    ]
 
 
 def _record(provider: str, ms: float, *, autocast: bool = False, speedup: float | None = None):
@@ -260,6 +417,118 @@ def test_attention_headline_holds_our_kernel_against_the_targets(tmp_path, capsy
     assert "MISMATCH" in row(attention.LONG, "fwd", "triton")
 
 
+def _stochastic_depth_record(provider: str, op: str, pass_: str, stream: str, copy: float):
+    workload = stochastic_depth.Workload(
+        op,
+        stochastic_depth.STEP,
+        torch.float32 if stream == "fp32" else torch.bfloat16,
+        torch.bfloat16,
+    )
+    nbytes = stochastic_depth.must_move_bytes(workload, pass_)
+    gbps = copy * 3000.0
+    return {
+        "benchmark": "stochastic-depth",
+        "provider": provider,
+        "ours": provider == "ours",
+        "op": op,
+        "pass": pass_,
+        "shape": stochastic_depth.STEP.name,
+        "groups": [list(group) for group in stochastic_depth.STEP.groups],
+        "dim": stochastic_depth.STEP.dim,
+        "dtype": "bf16",
+        "stream_dtype": stream,
+        "branch_dtype": "bf16",
+        "status": "ok",
+        "ms": 2 * nbytes / (gbps * 1e9) * 1e3,
+        "graph_ms": nbytes / (gbps * 1e9) * 1e3,
+        "bytes": nbytes,
+        "GBps": gbps,
+        "copy_fraction": copy,
+        "baseline": "torch",
+        "speedup": None,
+        "max_rel_err": 0.0,
+        "check": "ok",
+        "note": "",
+    }
+
+
+def test_stochastic_depth_headline_holds_ours_against_the_copy_bandwidth(tmp_path, capsys):
+    """From a made-up GPU report (not measured numbers)."""
+    records = [
+        _stochastic_depth_record("ours", "scaled_index_add", "fwd", "fp32", 0.85),
+        _stochastic_depth_record("xformers", "scaled_index_add", "fwd", "fp32", 0.425),
+        _stochastic_depth_record("ours", "scaled_index_add", "fwd+bwd", "fp32", 0.5),
+        _stochastic_depth_record("ours", "index_select_cat", "fwd", "bf16", 0.9),
+    ]
+    records[-1]["check"] = "MISMATCH"
+    path = _made_up_gpu_report(tmp_path, "stochastic-depth", records)
+    assert main(["report", str(path), "--headline"]) == 0
+    lines = [line.replace("│", " ") for line in capsys.readouterr().out.splitlines()]
+
+    def row(op: str, stream: str, pass_: str) -> str:
+        return next(line for line in lines if line.split()[:3] == [op, stream, pass_])
+
+    assert "goal met" in row("scaled_index_add", "fp32", "fwd")
+    assert "2.00x" in row("scaled_index_add", "fp32", "fwd")  # vs xformers
+    assert "below goal" in row("scaled_index_add", "fp32", "fwd+bwd")
+    assert "MISMATCH" in row("index_select_cat", "bf16", "fwd")
+
+
+def _block_record(provider: str, shape: block.Shape, rate: float, ms: float, mib: float):
+    return {
+        "benchmark": "block",
+        "provider": provider,
+        "ours": provider == "ours",
+        "pass": "fwd+bwd",
+        "input": shape.input,
+        "shape": shape.name,
+        "groups": [list(group) for group in shape.groups],
+        "dim": shape.dim,
+        "dtype": "bf16",
+        "drop_rate": rate,
+        "drop_path": block.drop_path_kind(provider, shape, rate),
+        "status": "ok",
+        "ms": ms,
+        "graph_ms": ms * 0.9,
+        "peak_MiB": mib,
+        "baseline": "torch",
+        "speedup": None,
+        "max_rel_err": 5e-3,
+        "check": "ok",
+        "note": "",
+    }
+
+
+def test_block_headline_holds_ours_against_the_ratio_target(tmp_path, capsys):
+    """From a made-up GPU report (not measured numbers): ratios are computed from the records."""
+    made_up = [
+        ("ours", block.BATCH, 10.0, 1000.0, 6.5, 650.0),  # 0.65x, 0.65x: goal met
+        ("torch", block.BATCH, 12.0, 1200.0, 12.5, 1250.0),
+        ("torch.compile", block.BATCH, 9.0, 1100.0, 9.5, 1150.0),  # the stock best at p=0.4
+        ("ours", block.MULTI_CROP, 18.0, 2000.0, 14.0, 1300.0),  # time 0.78x: below goal
+        ("torch", block.MULTI_CROP, 20.0, 2200.0, 21.0, 2300.0),
+    ]
+    records = []
+    for provider, shape, ms0, mib0, ms4, mib4 in made_up:
+        records += [
+            _block_record(provider, shape, 0.0, ms0, mib0),
+            _block_record(provider, shape, 0.4, ms4, mib4),
+        ]
+    block._finish(records)  # the ratios and speedups, as the benchmark computes them
+    path = _made_up_gpu_report(tmp_path, "block", records)
+    assert main(["report", str(path), "--headline"]) == 0
+    lines = [line.replace("│", " ") for line in capsys.readouterr().out.splitlines()]
+
+    def row(kind: str, provider: str) -> str:
+        return next(line for line in lines if line.split()[:2] == [kind, provider])
+
+    assert "goal met" in row("batch", "ours") and "0.65x" in row("batch", "ours")
+    assert "1.46x" in row("batch", "ours")  # the stock best (torch.compile) at p=0.4: 9.5 / 6.5
+    assert "stock best" in row("batch", "torch.compile")
+    assert not any(line.split()[:2] == ["batch", "torch"] for line in lines)
+    assert "below goal (time 0.78x)" in row("multi-crop", "ours")
+
+
 def test_attention_shapes_parse():
     assert attention.parse_shapes("64x257x16x64, packed") == [
         attention.VIT_L_GLOBAL,
@@ -290,6 +559,9 @@ def test_tables_fall_back_to_plain_text_without_rich(quick_report, capsys, monke
         (["bench", "attention", "--shapes", "packd"], "BxNxHxD"),
         (["bench", "attention", "layernorm", "--shapes", "packed"], "ROWSxD"),
         (["bench", "attention", "--time-limit", "0"], "--time-limit must be a positive"),
+        (["bench", "block", "--shapes", "64x257x1000"], "multiple of 64"),
+        (["bench", "stochastic-depth", "--shapes", "64x257x1024+256x50x768"], "must share C"),
+        (["bench", "stochastic-depth", "--shapes", "64x257"], "BxNxC"),
         (["bench", "--device", "tpu"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
         (["report", "/no/such/report.json"], "cannot read a report"),
@@ -318,3 +590,33 @@ def test_bad_argument_from_the_command_line():
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "info" in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run_runs_the_chosen_steps(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(script), "--dry-run"],
+        env={**env, "GPU_CHECK_STEPS": "stochastic-depth"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok      bench stochastic-depth --quick (CPU)" in done.stdout
+    assert "stochastic-depth: no numbers to hold against the targets" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench.log",
+        "stochastic-depth.json",
+        "summary.txt",
+    ]
+    wrong = subprocess.run(
+        ["bash", str(script), "--dry-run"],
+        env={**env, "GPU_CHECK_STEPS": "tests blok"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert wrong.returncode == 2 and "unknown step in GPU_CHECK_STEPS: blok" in wrong.stderr

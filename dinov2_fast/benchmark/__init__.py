@@ -59,6 +59,8 @@ DTYPES: dict[str, torch.dtype] = {
 REGISTRY: dict[str, str] = {
     "layernorm": "dinov2_fast.benchmark.layer_norm",
     "attention": "dinov2_fast.benchmark.attention",
+    "stochastic-depth": "dinov2_fast.benchmark.stochastic_depth",
+    "block": "dinov2_fast.benchmark.block",
 }
 
 
@@ -100,6 +102,10 @@ class BenchContext:
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the deadline (negative past it), or None without one."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 
 from dinov2_fast import _backend
 from dinov2_fast.benchmark import BenchContext, Record, Table, dtype_name
+from dinov2_fast.benchmark.timing import first_line
 
 __all__ = [
     "NOT_TIMED_NO_GPU",
@@ -34,6 +35,7 @@ __all__ = [
     "new_record",
     "number",
     "parse_dims",
+    "parse_groups",
     "peak_extra_bytes",
     "percent",
     "provider_table",
@@ -42,6 +44,7 @@ __all__ = [
     "speedup",
     "split_shapes",
     "time_call",
+    "time_call_graphed",
     "verdict",
     "within",
 ]
@@ -71,7 +74,8 @@ def availability(
 ) -> tuple[str, str]:
     """``("ok", "")`` when ``provider`` can be timed on ``device`` as far as every benchmark is
     concerned, else ``("skipped" | "not timed", why)``: a missing library, a GPU kernel on the CPU,
-    torch.compile on the CPU without ``--compile``, one of our backends that cannot run here."""
+    torch.compile on the CPU without ``--compile``, one of our backends that cannot run here
+    (``backend="auto"`` always can)."""
     if provider.library is not None and _library_missing(provider.library):
         return "skipped", f"{provider.library} is not installed"
     if device.type != "cuda":
@@ -82,7 +86,8 @@ def availability(
                 "skipped",
                 "slow to compile on the CPU (`dinov2-fast bench --compile` includes it)",
             )
-    if provider.backend is not None:
+    # "auto" runs everywhere: it picks a kernel on a GPU and the torch reference elsewhere.
+    if provider.backend is not None and provider.backend != "auto":
         why = _backend.unavailable_reason(provider.backend, device)
         if why:
             return "skipped", why
@@ -110,6 +115,21 @@ def parse_dims(item: str, benchmark: str, names: Sequence[str], form: str, examp
         need = " and ".join(f"{name} >= 1" for name in names)
         raise ValueError(f"{benchmark} shapes need {need}, got {item!r}")
     return dims
+
+
+def parse_groups(
+    item: str, benchmark: str, example: str
+) -> tuple[tuple[tuple[int, int], ...], int]:
+    """One ``--shapes`` item of crop groups such as ``"64x257x1024+256x50x1024"`` ->
+    ``(((64, 257), (256, 50)), 1024)``: groups ``BxNxC`` joined by "+", all of one C. ValueError
+    naming the benchmark, the form and ``example`` otherwise."""
+    form = "BxNxC, or crop groups of one C joined by + (BxNxC+BxNxC)"
+    dims = [
+        parse_dims(group, benchmark, ("B", "N", "C"), form, example) for group in item.split("+")
+    ]
+    if len({channels for _, _, channels in dims}) != 1:
+        raise ValueError(f"{benchmark} crop groups must share C, got {item!r}")
+    return tuple((batch, tokens) for batch, tokens, _ in dims), dims[0][2]
 
 
 def choose_shapes(
@@ -192,11 +212,6 @@ def add_speedups(records: list[Record]) -> None:
             record["speedup"] = baseline_ms / record["ms"]
 
 
-def first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 # --- the float64 check ---------------------------------------------------------------------------
 
 
@@ -230,6 +245,20 @@ def time_call(context: BenchContext, fn: Callable[[], object]) -> tuple[float, f
         # Within 10% of the event time: the GPU may have waited for launches.
         note = f"host-bound: {host_ms:.3f} ms to launch"
     return ms, host_ms, note
+
+
+def time_call_graphed(
+    context: BenchContext, fn: Callable[[], object]
+) -> tuple[float, float | None, float | None, str]:
+    """``(ms, graph_ms, host_ms, note)``: :func:`time_call`'s numbers and the median time of
+    replaying ``fn`` captured once in a CUDA graph (``Timer.graph_ms``; CUDA only, else None). When
+    the capture fails, ``graph_ms`` is None and the note says why."""
+    ms, host_ms, note = time_call(context, fn)
+    graph_ms = None
+    if context.device.type == "cuda":
+        graph_ms, why = context.timer.graph_ms(fn)
+        note = "; ".join(part for part in (note, why) if part)
+    return ms, graph_ms, host_ms, note
 
 
 def peak_extra_bytes(device: torch.device, fn: Callable[[], object]) -> int | None:
@@ -300,12 +329,13 @@ def run_providers(
     measure: Callable[[BenchContext, Any, Any], list[Record]],
     record: RecordFn,
     finish_shape: Callable[[list[Record]], None] = add_speedups,
-    passes: Sequence[str] = PASSES,
+    passes: Sequence[str] | Callable[[Any], Sequence[str]] = PASSES,
 ) -> list[Record]:
     """Every provider at every shape: ``status(provider, device, dtype, shape, compile_on_cpu=...)``
     says whether it runs; ``measure(context, provider, shape)`` gives its records when it does,
     ``record`` one per pass (with the reason as its note) when it does not, or once ``context`` is
-    out of time. Shape by shape, except that the torch.compile providers run after all the others
+    out of time. ``passes`` may be a function of the shape (benchmarks whose shapes differ in
+    passes). Shape by shape, except that the torch.compile providers run after all the others
     (slow to build, they are the first to go when time runs short). ``finish_shape`` completes a
     shape's records (by default their speedups), which are returned shape by shape in provider
     order."""
@@ -326,9 +356,10 @@ def run_providers(
                 if state == "ok" and context.out_of_time():
                     state, why = "skipped", OUT_OF_TIME
                 if state != "ok":
+                    shape_passes = passes(shape) if callable(passes) else passes
                     shape_records += [
                         record(provider, shape, pass_, state, context.dtype, note=why)
-                        for pass_ in passes
+                        for pass_ in shape_passes
                     ]
                     continue
                 shape_records += measure(context, provider, shape)
@@ -362,14 +393,20 @@ def provider_table(
     records: Sequence[Record],
     cells: Callable[[Record], list[str]],
     passes: Sequence[str] = PASSES,
+    order: Callable[[Record], Any] | None = None,
 ) -> Table:
-    """One row per timed (or failed) provider x shape x pass, grouped by shape then pass, providers
-    in the order they ran; ``cells`` gives a row. Skipped and untimed providers are listed under
-    the table with the reason."""
+    """One row per timed (or failed) provider x shape x pass, grouped by shape then pass (or sorted
+    by ``order``, stably), providers in the order they ran; ``cells`` gives a row. Skipped and
+    untimed providers are listed under the table with the reason."""
     result = Table(title, columns)
     left_out: dict[tuple[str, str], list[str]] = {}
     shapes = list(dict.fromkeys(record["shape"] for record in records))
-    ordered = sorted(records, key=lambda r: (shapes.index(r["shape"]), passes.index(r["pass"])))
+    if order is None:
+
+        def order(r: Record) -> Any:
+            return shapes.index(r["shape"]), passes.index(r["pass"])
+
+    ordered = sorted(records, key=order)
     for record in ordered:
         if record["status"] in ("ok", "error"):
             result.rows.append(cells(record))

@@ -3,6 +3,12 @@
 On a CUDA device a measurement is the median of ``triton.testing.do_bench`` (CUDA events around each
 call, the L2 cache flushed before each one), in milliseconds. On the CPU it is the median of a
 ``time.perf_counter`` loop: useful to check that the benchmark runs, not to judge GPU kernels.
+
+CUDA-graph mode (:meth:`Timer.graph_ms`): small ops are host-bound on a GPU (each launch costs the
+CPU tens of microseconds), so the event time of an eager call measures the launches, not the
+kernels. Captured once in a ``torch.cuda.CUDAGraph``, the same work replays with one launch, and
+the median of ``graph.replay`` is the kernels' time. The eager time stays the number a training
+loop sees; the graph time is what the kernels cost.
 """
 
 from __future__ import annotations
@@ -14,7 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timer", "copy_bandwidth_gbps", "synchronized"]
+__all__ = [
+    "CapturedGraph",
+    "Timer",
+    "capture_cuda_graph",
+    "copy_bandwidth_gbps",
+    "first_line",
+    "synchronized",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,26 @@ class Timer:
             torch.cuda.synchronize()
         return elapsed / calls * 1e3
 
+    def graph_ms(self, fn: Callable[[], object]) -> tuple[float | None, str]:
+        """``(ms, "")``: the median time of replaying ``fn`` captured once in a CUDA graph (see
+        :func:`capture_cuda_graph`), timed like any call; or ``(None, why)`` off CUDA or when the
+        capture fails (e.g. ``fn`` synchronizes with the GPU or reads a value on the host)."""
+        if self.device.type != "cuda":
+            return None, "CUDA graphs need a CUDA device"
+        try:
+            graph = capture_cuda_graph(fn, self.device)
+        except Exception as error:  # the caller records the reason and keeps the eager time
+            _settle(self.device)
+            why = first_line(error)
+            # Ending a broken capture raises its own error; the first one says what broke it.
+            if error.__context__ is not None:
+                why = f"{first_line(error.__context__)} (then {why})"
+            return None, f"CUDA graph capture failed: {why}"
+        try:
+            return self._cuda(graph.replay), ""
+        finally:
+            graph.release()
+
     def _cuda(self, fn: Callable[[], object]) -> float:
         from triton.testing import do_bench
 
@@ -88,6 +121,71 @@ class Timer:
             if len(times) >= 3 and spent >= self.cpu_budget_s:
                 break
         return statistics.median(times) * 1e3
+
+
+class CapturedGraph:
+    """A function captured in a CUDA graph: :meth:`replay` reruns its kernels on the current stream
+    with the same input and output buffers. What the function returned during the capture is kept
+    alive with the graph (its memory is the graph's); :meth:`release` frees both."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs: object) -> None:
+        self._graph: torch.cuda.CUDAGraph | None = graph
+        self._outputs = outputs
+
+    def replay(self) -> None:
+        if self._graph is None:
+            raise RuntimeError("this CUDA graph was released")
+        self._graph.replay()
+
+    def release(self) -> None:
+        self._graph = None
+        self._outputs = None
+
+
+def capture_cuda_graph(
+    fn: Callable[[], object], device: torch.device, warmup_calls: int = 3
+) -> CapturedGraph:
+    """``fn`` captured once in a ``torch.cuda.CUDAGraph`` on ``device``, as the torch docs describe:
+    ``warmup_calls`` calls on a side stream first (lazy initialization, autotuning, compiling and
+    the autograd engine's own setup happen there, not in the capture), then one call captured.
+
+    ``fn`` must read its inputs from and write its outputs to tensors that stay alive (benchmark
+    inputs do), must not synchronize with the GPU, and creates any gradients itself (e.g. with
+    ``torch.autograd.grad``, which works inside a capture). Raises whatever the capture raised.
+    """
+    with torch.cuda.device(device):
+        original = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(original)
+        with torch.cuda.stream(side):
+            for _ in range(warmup_calls):
+                fn()
+        original.wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = fn()
+        finally:
+            # A capture that fails can leave its capture stream current: later work belongs on
+            # the stream it ran on before.
+            torch.cuda.set_stream(original)
+        torch.cuda.synchronize()
+    return CapturedGraph(graph, outputs)
+
+
+def _settle(device: torch.device) -> None:
+    """After a failed capture: wait for the GPU, ignoring the capture's own error if it returns."""
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:
+        pass
+
+
+def first_line(error: BaseException) -> str:
+    """``"Type: message"`` of ``error``, its first line, at most 300 characters: for a note."""
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def copy_bandwidth_gbps(timer: Timer, nbytes: int | None = None) -> float:
