@@ -43,16 +43,19 @@ def _layer_norm_fwd(
     Mean,
     Rstd,
     Index,
+    XOut,
     M,
     N,
     D,
     stride_x,
     stride_xb,
     stride_y,
+    stride_xo,
     eps,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr,
+    HAS_X_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -68,7 +71,12 @@ def _layer_norm_fwd(
         x_rows = (b * stride_xb + n * stride_x)[:, None]
     else:
         x_rows = rows64 * stride_x
-    x = tl.load(X + x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + x_rows + cols[None, :], mask=mask, other=0.0)
+    if HAS_X_OUT:
+        # The gathered rows, compact, for the backward: written from registers, so gather and
+        # LayerNorm read the stream once instead of twice.
+        tl.store(XOut + rows64 * stride_xo + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
     # Two passes over registers (mean, then centred variance): exact enough for fp32 residual streams.
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -215,6 +223,7 @@ def layer_norm_fwd(
     y: torch.Tensor | None = None,
     mean: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
+    x_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm forward of ``x: [M, D]`` rows, or with ``index: [k]`` (int32/int64, contiguous)
     of the gathered rows ``x[index[j], n]`` of a sample tensor ``x: [B, N, D]`` (row ``j·N + n``,
@@ -223,7 +232,8 @@ def layer_norm_fwd(
     Returns ``y: [M, D]`` (``out_dtype``), ``mean`` and ``rstd: [M]`` (fp32). Each may be given
     preallocated: ``y`` with unit stride along D and any row stride (a slice of a packed buffer;
     its own dtype is used), ``mean``/``rstd`` contiguous fp32; otherwise they are new and
-    contiguous."""
+    contiguous. ``x_out`` (``[M, D]`` in x's dtype, unit stride along D): also write the rows read
+    there (the gathered rows, for a backward that should not keep all of x)."""
     rows, tokens, dim, stride_x, stride_xb = _gathered_rows(x, index)
     if y is None:
         y = torch.empty((rows, dim), dtype=out_dtype, device=x.device)
@@ -242,16 +252,19 @@ def layer_norm_fwd(
         mean,
         rstd,
         index,
+        x_out,
         rows,
         tokens,
         dim,
         stride_x,
         stride_xb,
         y.stride(0),
+        0 if x_out is None else x_out.stride(0),
         eps,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_INDEX=index is not None,
+        HAS_X_OUT=x_out is not None,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         num_warps=num_warps,
@@ -373,24 +386,28 @@ def _aot_cases():
         index_sig = "constexpr" if index_dt is None else f"*{index_dt}"
         tiles = {"BLOCK_M": block_m, "BLOCK_D": block_d}
         need_partial = has_weight or has_bias
+        # Gathered rows are also written out compact (ops.index_select_layer_norm does that).
+        gathered = index_dt is not None
         absent = {
             name: None
             for name, present in (
                 ("W", has_weight),
                 ("B", has_bias),
-                ("Index", index_dt is not None),
+                ("Index", gathered),
+                ("XOut", gathered),
             )
             if not present
         }
         yield (
             _layer_norm_fwd,
             {"X": f"*{x_dt}", "Y": f"*{y_dt}", "W": weight_sig, "B": bias_sig, "Mean": "*fp32",
-             "Rstd": "*fp32", "Index": index_sig, "M": "i32", "N": "i32", "D": "i32",
-             "stride_x": "i32", "stride_xb": "i32", "stride_y": "i32", "eps": "fp32",
-             "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "HAS_INDEX": "constexpr",
+             "Rstd": "*fp32", "Index": index_sig, "XOut": f"*{x_dt}" if gathered else "constexpr",
+             "M": "i32", "N": "i32", "D": "i32", "stride_x": "i32", "stride_xb": "i32",
+             "stride_y": "i32", "stride_xo": "i32", "eps": "fp32", "HAS_WEIGHT": "constexpr",
+             "HAS_BIAS": "constexpr", "HAS_INDEX": "constexpr", "HAS_X_OUT": "constexpr",
              "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-            {**absent, "HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias,
-             "HAS_INDEX": index_dt is not None, **tiles},
+            {**absent, "HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "HAS_INDEX": gathered,
+             "HAS_X_OUT": gathered, **tiles},
             num_warps,
         )  # fmt: skip
         yield (

@@ -120,6 +120,19 @@ def test_training_list_path_equals_dinov2(backend, drop_path, init_values):
     _check_pair(ours, ref, [(5, 9, DIM), (7, 4, DIM), (1, 3, DIM)], seed=3)
 
 
+@pytest.mark.parametrize("drop_path", [0.3, 0.05])
+def test_training_with_torch_layer_norm(drop_path):
+    """A norm that is not ours: the kept samples are gathered, then the module runs on them."""
+    ours, ref = _blocks(drop_path, "torch")
+    for name in ("norm1", "norm2"):
+        torch_norm = torch.nn.LayerNorm(DIM, eps=1e-6).to(DEVICE)
+        torch_norm.load_state_dict(getattr(ours, name).state_dict())
+        setattr(ours, name, torch_norm)
+    ours.train(), ref.train()
+    _check_pair(ours, ref, [(6, 5, DIM)], seed=7)
+    _check_pair(ours, ref, [(6, 5, DIM), (3, 2, DIM)], seed=8)
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_eval_list_path_equals_each_group_alone(backend):
     ours, _ = _blocks(0.4, backend, ffn="swiglu")

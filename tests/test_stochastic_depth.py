@@ -15,7 +15,7 @@ import torch
 from reference import assert_close_to_reference
 
 from dinov2_fast import _backend
-from dinov2_fast.ops import index_select_cat, scaled_index_add
+from dinov2_fast.ops import index_select_cat, index_select_layer_norm, scaled_index_add
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -92,6 +92,59 @@ def test_index_select_cat_bad_inputs():
         index_select_cat([x.long()], [good])
     with pytest.raises(ValueError, match="backend must be one of"):
         index_select_cat([x], [good], backend="fast")
+
+
+# --- index_select_layer_norm --------------------------------------------------------------------
+
+
+def _check_index_select_layer_norm(backend, dtype, shapes, kept, autocast=False):
+    dim = shapes[0][-1]
+    sources = [(_randn(s, dtype) * 2 + 0.5).requires_grad_() for s in shapes]
+    indices = [
+        _subset(s[0], k, torch.int32 if i else torch.int64)
+        for i, (s, k) in enumerate(zip(shapes, kept))
+    ]
+    param_dtype = torch.float32 if autocast else dtype
+    weight = (_randn(dim, param_dtype) + 1).requires_grad_()
+    bias = _randn(dim, param_dtype).requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        out = index_select_layer_norm(sources, indices, weight, bias, 1e-6, backend=backend)
+    assert out.dtype == (torch.bfloat16 if autocast else dtype)
+    leaves = [t.detach().double().requires_grad_() for t in (*sources, weight, bias)]
+    gathered = torch.cat([s[i.long()].reshape(-1, dim) for s, i in zip(leaves, indices)])
+    expected = torch.nn.functional.layer_norm(gathered, (dim,), leaves[-2], leaves[-1], 1e-6)
+    assert_close_to_reference(out, expected, "out", condition=8.0)
+    grad = torch.randn_like(expected).to(out.dtype)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for i, (t, leaf) in enumerate(zip((*sources, weight, bias), leaves)):
+        rows = max(1, expected.shape[0]) if i >= len(sources) else 1
+        assert_close_to_reference(t.grad, leaf.grad, f"grad {i}", condition=8.0 * rows)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_index_select_layer_norm_matches_reference(backend, dtype):
+    _check_index_select_layer_norm(backend, dtype, [(7, 9, 96), (5, 1, 96), (3, 4, 96)], [4, 5, 0])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_index_select_layer_norm_under_autocast_odd_width(backend):
+    _check_index_select_layer_norm(backend, torch.float32, [(6, 5, 37), (2, 3, 37)], [3, 1], True)
+
+
+def test_index_select_layer_norm_bad_inputs():
+    x, good = torch.randn(4, 3, 8), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"indices\[0\] must not repeat"):
+        index_select_layer_norm([x], [torch.tensor([1, 1])])
+    with pytest.raises(ValueError, match=r"sources\[0\] must be \[B, N, C\]"):
+        index_select_layer_norm([x[0]], [good])
+    with pytest.raises(ValueError, match=r"sources\[1\] must have sources\[0\]'s dtype and C"):
+        index_select_layer_norm([x, torch.randn(4, 3, 9)], [good, good])
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
+        index_select_layer_norm([x], [good], torch.ones(9))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        index_select_layer_norm([x], [good], eps=-1.0)
 
 
 # --- scaled_index_add ----------------------------------------------------------------------------
@@ -235,6 +288,9 @@ def test_gpu_ops_match_reference():
         indices = [_subset(64, 38), _subset(256, 153)]
         out = index_select_cat(sources, indices, backend=backend)
         assert torch.equal(out, torch.cat([s[i].flatten() for s, i in zip(sources, indices)]))
+        shapes = [(64, 257, 1024), (256, 50, 1024)]
+        _check_index_select_layer_norm(backend, torch.float32, shapes, [38, 153], autocast=True)
+        _check_index_select_layer_norm(backend, torch.bfloat16, shapes, [38, 153])
 
 
 @pytest.mark.gpu
@@ -268,6 +324,11 @@ def test_custom_ops_pass_opcheck(backend):
     torch.library.opcheck(
         torch.ops.dinov2_fast.index_select_cat.default,
         ([x, other], [index, _subset(4, 3)], backend),
+    )
+    weight = torch.rand(16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.dinov2_fast.index_select_layer_norm_fwd.default,
+        ([x, other], [index, _subset(4, 3)], weight, None, 1e-6, torch.float32, backend),
     )
 
 

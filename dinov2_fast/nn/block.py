@@ -2,10 +2,10 @@
 
 DINOv2's stochastic depth does not compute a residual branch and then mask it: it draws
 ``k = max(int(B·(1 - p)), 1)`` samples, runs the branch on them only and adds the result back
-scaled by ``B / k`` and LayerScale's gamma. Here the gather runs through ``ops.index_select_cat``,
-and the scale, gamma and scatter-add are one pass (``ops.scaled_index_add``, out of place), whose
-backward passes the stream's gradient through and computes the branch's and gamma's gradients in
-one pass.
+scaled by ``B / k`` and LayerScale's gamma. Here the gather is fused with the branch's LayerNorm
+(``ops.index_select_layer_norm``: the kept rows are read once), and the scale, gamma and
+scatter-add are one pass (``ops.scaled_index_add``, out of place), whose backward passes the
+stream's gradient through and computes the branch's and gamma's gradients in one pass.
 
 The module-level functions keep DINOv2's names and signatures (``drop_add_residual_stochastic_depth``,
 ``get_branges_scales``, ``add_residual``, ``get_attn_bias_and_cat``,
@@ -26,8 +26,10 @@ from dinov2_fast.nn.drop_path import DropPath
 from dinov2_fast.nn.layer_norm import LayerNorm
 from dinov2_fast.nn.layer_scale import LayerScale
 from dinov2_fast.nn.mlp import Mlp
+from dinov2_fast.ops._checks import FLOAT_DTYPES
 from dinov2_fast.ops.block_diagonal_mask import BlockDiagonalMask
 from dinov2_fast.ops.index_select_cat import index_select_cat
+from dinov2_fast.ops.index_select_layer_norm import index_select_layer_norm
 from dinov2_fast.ops.scaled_index_add import scaled_index_add
 
 __all__ = [
@@ -242,21 +244,61 @@ class Block(nn.Module):
             raise ValueError(f"x must be [B, N, C], got shape {list(x.shape)}")
         ratio = self.sample_drop_ratio
         if self.training and ratio > 0.1:
-            x = self._subset_update(x, self._attn_branch, self.ls1, ratio)
-            return self._subset_update(x, self._ffn_branch, self.ls2, ratio)
+            x = self._drop_add_residual([x], self.norm1, self._attn_after_norm, self.ls1, False)[0]
+            return self._drop_add_residual([x], self.norm2, self._ffn_after_norm, self.ls2, False)[
+                0
+            ]
         if self.training and ratio > 0.0:
             x = x + self.drop_path1(self.ls1(self._attn_branch(x)))
             return x + self.drop_path2(self.ls2(self._ffn_branch(x)))
         x = _add_scaled(x, self.ls1, self._attn_branch(x))
         return _add_scaled(x, self.ls2, self._ffn_branch(x))
 
-    def _subset_update(self, x, branch, ls, ratio) -> torch.Tensor:
+    def _attn_after_norm(self, normed: torch.Tensor, attn_bias: BlockDiagonalMask | None):
+        return self.attn(normed) if attn_bias is None else self.attn(normed, attn_bias=attn_bias)
+
+    def _ffn_after_norm(self, normed: torch.Tensor, attn_bias: BlockDiagonalMask | None):
+        return self.mlp(normed)
+
+    def _drop_add_residual(self, x_list, norm, branch, ls, packed: bool) -> list[torch.Tensor]:
+        """One residual branch on a random subset of each group's samples: the kept rows gathered
+        and normalised in one pass, the branch run once (packed with a block-diagonal mask, or as
+        a batch for one group), each group updated in one pass with ``B_i / k_i`` and gamma."""
+        draws = [get_branges_scales(x, self.sample_drop_ratio) for x in x_list]
+        branges = [brange for brange, _ in draws]
+        channels = x_list[0].shape[-1]
+        normed = self._gathered_norm(norm, x_list, branges)  # [T, C]
+        if packed:
+            mask = _mask([(len(b), x.shape[1]) for b, x in zip(branges, x_list)])
+            residuals = mask.split(branch(normed.view(1, -1, channels), mask))
+        else:
+            residuals = [branch(normed.view(len(branges[0]), -1, channels), None)]
         gamma = _layer_scale_gamma(ls)
         if gamma is None:
-            func = lambda t: ls(branch(t))  # noqa: E731
-        else:
-            func = branch
-        return drop_add_residual_stochastic_depth(x, func, ratio, gamma, backend=self.backend)
+            residuals = [ls(r) for r in residuals]
+        return [
+            add_residual(x, brange, residual, scale, gamma, backend=self.backend)
+            for x, (brange, scale), residual in zip(x_list, draws, residuals)
+        ]
+
+    def _gathered_norm(self, norm, x_list, branges) -> torch.Tensor:
+        """``norm`` of the kept samples, packed ``[T, C]``: fused for our LayerNorm, else a
+        gather then the module."""
+        channels = x_list[0].shape[-1]
+        fusable = (
+            isinstance(norm, LayerNorm)
+            and norm.backend != "cuda"  # the fused op has Triton and torch backends
+            and tuple(norm.normalized_shape) == (channels,)
+            and x_list[0].dtype in FLOAT_DTYPES
+        )
+        if fusable:
+            return index_select_layer_norm(
+                x_list, branges, norm.weight, norm.bias, norm.eps, validate=False,
+                backend=norm.backend,
+            )  # fmt: skip
+        flat = [x.flatten(1) for x in x_list]
+        gathered = index_select_cat(flat, branges, validate=False, backend=self.backend)
+        return norm(gathered.view(-1, channels))
 
     def forward_nested(self, x_list: list[torch.Tensor]) -> list[torch.Tensor]:
         """The packed multi-crop path; ``x_list``: groups ``[B_i, N_i, C]`` of one C, dtype and
@@ -272,15 +314,11 @@ class Block(nn.Module):
                     f"x[{i}] must have x[0]'s channels and dtype ({x_list[0].shape[-1]}, "
                     f"{x_list[0].dtype}), got ({t.shape[-1]}, {t.dtype})"
                 )
-        ratio = self.sample_drop_ratio
-        if self.training and ratio > 0.0:
-            for branch, ls in ((self._attn_branch, self.ls1), (self._ffn_branch, self.ls2)):
-                gamma = _layer_scale_gamma(ls)
-                func = branch if gamma is not None else _then(branch, ls)
-                x_list = drop_add_residual_stochastic_depth_list(
-                    x_list, func, ratio, gamma, backend=self.backend
-                )
-            return x_list
+        if self.training and self.sample_drop_ratio > 0.0:
+            x_list = self._drop_add_residual(
+                x_list, self.norm1, self._attn_after_norm, self.ls1, True
+            )
+            return self._drop_add_residual(x_list, self.norm2, self._ffn_after_norm, self.ls2, True)
         attn_bias, x = get_attn_bias_and_cat(x_list, backend=self.backend)
         x = _add_scaled(x, self.ls1, self._attn_branch(x, attn_bias))
         x = _add_scaled(x, self.ls2, self._ffn_branch(x, attn_bias))
@@ -289,10 +327,6 @@ class Block(nn.Module):
 
 NestedTensorBlock = Block
 """DINOv2's name for the block that also takes a list of crop groups; the same class here."""
-
-
-def _then(branch, ls):
-    return lambda x, attn_bias=None: ls(branch(x, attn_bias))
 
 
 def _add_scaled(x: torch.Tensor, ls: nn.Module, branch: torch.Tensor) -> torch.Tensor:

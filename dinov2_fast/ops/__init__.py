@@ -13,6 +13,7 @@ from dinov2_fast.ops.attention import (
 )
 from dinov2_fast.ops.block_diagonal_mask import BlockDiagonalMask
 from dinov2_fast.ops.index_select_cat import index_select_cat
+from dinov2_fast.ops.index_select_layer_norm import index_select_layer_norm
 from dinov2_fast.ops.layer_norm import MAX_DIM as LAYER_NORM_MAX_DIM
 from dinov2_fast.ops.layer_norm import layer_norm
 from dinov2_fast.ops.scaled_index_add import scaled_index_add
@@ -24,6 +25,7 @@ __all__ = [
     "attention",
     "attention_qkvpacked",
     "index_select_cat",
+    "index_select_layer_norm",
     "layer_norm",
     "memory_efficient_attention",
     "scaled_index_add",

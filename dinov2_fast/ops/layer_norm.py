@@ -71,8 +71,20 @@ def layer_norm(
     dim = x.shape[-1]
     if dim == 0:
         raise ValueError("x's last dimension (D) must be at least 1, got 0")
+    out_dtype, eps = check_layer_norm_arguments(x, weight, bias, eps)
+    chosen = check_kernel_width("layer_norm", dim, backend, x.device)
+    rows = with_unit_last_stride(x.reshape(-1, dim))
+    y, _, _ = torch.ops.dinov2_fast.layer_norm_fwd(rows, weight, bias, eps, out_dtype, chosen)
+    return y.view(x.shape)
+
+
+def check_layer_norm_arguments(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: object
+) -> tuple[torch.dtype, float]:
+    """Checks weight, bias (``[D]``, x's device, x's dtype outside autocast, one dtype) and eps
+    against ``x: [..., D]``; returns the output dtype (the autocast dtype or x's) and eps."""
+    dim = x.shape[-1]
     autocast_to = autocast_dtype(x.device)
-    out_dtype = autocast_to or x.dtype
     param_dtype = None
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None:
@@ -88,8 +100,13 @@ def layer_norm(
         if param_dtype is not None and param.dtype != param_dtype:
             raise TypeError(f"bias must have weight's dtype ({param_dtype}), got {param.dtype}")
         param_dtype = param.dtype
-    eps = check_nonnegative_float("eps", eps)
-    chosen = _backend.resolve("layer_norm", backend, x.device)
+    return autocast_to or x.dtype, check_nonnegative_float("eps", eps)
+
+
+def check_kernel_width(op: str, dim: int, backend: str, device: torch.device) -> str:
+    """The backend for ``op`` (a LayerNorm) on rows of width ``dim``: over MAX_DIM "auto" falls
+    back to torch with a warning, a kernel backend asked for by name raises."""
+    chosen = _backend.resolve(op, backend, device)
     if dim > MAX_DIM and chosen in _backend.KERNEL_BACKENDS:
         if backend != "auto":
             raise ValueError(
@@ -97,13 +114,10 @@ def layer_norm(
                 f"{dim}; backend='torch' has no limit"
             )
         warnings.warn(
-            f"layer_norm: D={dim} is over the kernels' limit of {MAX_DIM}; using torch",
-            stacklevel=2,
+            f"{op}: D={dim} is over the kernels' limit of {MAX_DIM}; using torch", stacklevel=3
         )
         chosen = "torch"
-    rows = with_unit_last_stride(x.reshape(-1, dim))
-    y, _, _ = torch.ops.dinov2_fast.layer_norm_fwd(rows, weight, bias, eps, out_dtype, chosen)
-    return y.view(x.shape)
+    return chosen
 
 
 # --- the custom ops ------------------------------------------------------------------------------
