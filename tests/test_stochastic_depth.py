@@ -139,8 +139,10 @@ def test_index_select_layer_norm_bad_inputs():
         index_select_layer_norm([x], [torch.tensor([1, 1])])
     with pytest.raises(ValueError, match=r"sources\[0\] must be \[B, N, C\]"):
         index_select_layer_norm([x[0]], [good])
-    with pytest.raises(ValueError, match=r"sources\[1\] must have sources\[0\]'s dtype and C"):
+    with pytest.raises(ValueError, match=r"sources\[1\] must have sources\[0\]'s C \(8\), got 9"):
         index_select_layer_norm([x, torch.randn(4, 3, 9)], [good, good])
+    with pytest.raises(TypeError, match=r"sources\[1\] must have sources\[0\]'s dtype"):
+        index_select_layer_norm([x, x.half()], [good, good])
     with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
         index_select_layer_norm([x], [good], torch.ones(9))
     with pytest.raises(ValueError, match="eps must be a finite number >= 0"):

@@ -103,3 +103,38 @@ def check_finite_float(name: str, value: object) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def check_sources_and_indices(
+    sources: object, indices: object, *, validate: bool, samples: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The ``(sources, indices)`` lists of the gather ops: S >= 1 float tensors of one dtype on one
+    device and S index tensors picking samples of them (see :func:`check_index`). ``samples``:
+    each source must be ``[B, N, C]`` with sources[0]'s C (else any ``[B, ...]``)."""
+    sources, indices = list(sources), list(indices)
+    if not sources:
+        raise ValueError("sources must hold at least one tensor, got an empty list")
+    if len(indices) != len(sources):
+        raise ValueError(
+            f"indices must have one tensor per source ({len(sources)}), got {len(indices)}"
+        )
+    first = check_tensor("sources[0]", sources[0])
+    for i, (source, index) in enumerate(zip(sources, indices)):
+        name = f"sources[{i}]"
+        check_tensor(name, source)
+        check_float_dtype(name, source)
+        if source.dtype != first.dtype:
+            raise TypeError(
+                f"{name} must have sources[0]'s dtype ({first.dtype}), got {source.dtype}"
+            )
+        check_same_device(name, source, first, "sources[0]")
+        if samples and source.dim() != 3:
+            raise ValueError(f"{name} must be [B, N, C], got shape {list(source.shape)}")
+        if samples and source.shape[-1] != first.shape[-1]:
+            raise ValueError(
+                f"{name} must have sources[0]'s C ({first.shape[-1]}), got {source.shape[-1]}"
+            )
+        if source.dim() == 0:
+            raise ValueError(f"{name} must have a sample dimension ([B, ...]), got a 0-d tensor")
+        check_index(f"indices[{i}]", index, source.shape[0], first.device, validate=validate)
+    return sources, indices

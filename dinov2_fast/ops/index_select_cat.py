@@ -15,10 +15,7 @@ import torch
 from dinov2_fast import _backend
 from dinov2_fast.ops._checks import (
     as_samples,
-    check_float_dtype,
-    check_index,
-    check_same_device,
-    check_tensor,
+    check_sources_and_indices,
     with_unit_last_stride,
 )
 
@@ -54,28 +51,9 @@ def index_select_cat(
             1-D or (with ``validate``) out of range or repeated, unknown backend.
         RuntimeError: the requested backend cannot run here.
     """
-    sources, indices = list(sources), list(indices)
-    if not sources:
-        raise ValueError("sources must hold at least one tensor, got an empty list")
-    if len(indices) != len(sources):
-        raise ValueError(
-            f"indices must have one tensor per source ({len(sources)}), got {len(indices)}"
-        )
-    first = check_tensor("sources[0]", sources[0])
-    views = []
-    for i, (source, index) in enumerate(zip(sources, indices)):
-        name = f"sources[{i}]"
-        check_tensor(name, source)
-        check_float_dtype(name, source)
-        if source.dtype != first.dtype:
-            raise TypeError(
-                f"{name} must have sources[0]'s dtype ({first.dtype}), got {source.dtype}"
-            )
-        check_same_device(name, source, first, "sources[0]")
-        if source.dim() == 0:
-            raise ValueError(f"{name} must have a sample dimension ([B, ...]), got a 0-d tensor")
-        check_index(f"indices[{i}]", index, source.shape[0], first.device, validate=validate)
-        views.append(with_unit_last_stride(as_samples(source)))
+    sources, indices = check_sources_and_indices(sources, indices, validate=validate, samples=False)
+    views = [with_unit_last_stride(as_samples(source)) for source in sources]
+    first = sources[0]
     chosen = _backend.resolve("index_select_cat", backend, first.device)
     return torch.ops.dinov2_fast.index_select_cat(views, indices, chosen)
 

@@ -16,13 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dinov2_fast.ops._checks import (
-    check_float_dtype,
-    check_index,
-    check_same_device,
-    check_tensor,
-    with_unit_last_stride,
-)
+from dinov2_fast.ops._checks import check_sources_and_indices, with_unit_last_stride
 from dinov2_fast.ops.layer_norm import (
     _torch_fwd,
     check_kernel_width,
@@ -63,32 +57,13 @@ def index_select_layer_norm(
 
     Raises:
         TypeError, ValueError: as :func:`index_select_cat` for sources and indices (also a source
-            that is not 3-D or whose C differs), as :func:`layer_norm` for weight, bias and eps.
+            that is not 3-D or whose C differs, or C = 0), as :func:`layer_norm` for weight, bias
+            and eps.
         RuntimeError: the requested backend cannot run here.
     """
-    sources, indices = list(sources), list(indices)
-    if not sources:
-        raise ValueError("sources must hold at least one tensor, got an empty list")
-    if len(indices) != len(sources):
-        raise ValueError(
-            f"indices must have one tensor per source ({len(sources)}), got {len(indices)}"
-        )
-    first = check_tensor("sources[0]", sources[0])
-    views = []
-    for i, (source, index) in enumerate(zip(sources, indices)):
-        name = f"sources[{i}]"
-        check_tensor(name, source)
-        check_float_dtype(name, source)
-        if source.dim() != 3:
-            raise ValueError(f"{name} must be [B, N, C], got shape {list(source.shape)}")
-        if source.dtype != first.dtype or source.shape[-1] != first.shape[-1]:
-            raise ValueError(
-                f"{name} must have sources[0]'s dtype and C ({first.dtype}, {first.shape[-1]}), "
-                f"got ({source.dtype}, {source.shape[-1]})"
-            )
-        check_same_device(name, source, first, "sources[0]")
-        check_index(f"indices[{i}]", index, source.shape[0], first.device, validate=validate)
-        views.append(with_unit_last_stride(source))
+    sources, indices = check_sources_and_indices(sources, indices, validate=validate, samples=True)
+    views = [with_unit_last_stride(source) for source in sources]
+    first = sources[0]
     dim = first.shape[-1]
     if dim == 0:
         raise ValueError("the sources' last dimension (C) must be at least 1, got 0")
