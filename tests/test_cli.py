@@ -188,6 +188,8 @@ def test_bench_stochastic_depth_quick_on_cpu_times_the_torch_paths(stochastic_de
     }
     assert bytes_of[("index_select_cat", "fwd")] == 2 * kept * 4
     assert bytes_of[("index_select_cat", "fwd+bwd")] == (3 * kept + big) * 4
+    assert bytes_of[("index_select_layer_norm", "fwd")] == kept * (4 + 2)
+    assert bytes_of[("index_select_layer_norm", "fwd+bwd")] == kept * (2 * 4 + 2 * 2) + big * 4
     assert bytes_of[("scaled_index_add", "fwd")] == 2 * big * 4 + kept * 2
     assert bytes_of[("scaled_index_add", "fwd+bwd")] == 2 * big * 4 + kept * (4 + 3 * 2)
     assert bytes_of[("scaled_index_add_inplace", "fwd")] == kept * (2 * 4 + 2)

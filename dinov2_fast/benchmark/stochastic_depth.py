@@ -9,6 +9,9 @@ residual-stream dtype; the default shape is the ViT-L step :data:`STEP`: global 
 
 - ``index_select_cat``: the kept samples of both crop groups gathered into one flat buffer, in ONE
   call (``sources`` are the residual stream; ``fwd`` and ``fwd+bwd``: the sources' gradients);
+- ``index_select_layer_norm``: the same gather fused with the branch's LayerNorm (weight and bias
+  fp32, under autocast to the ``--dtype``: the normalised rows come out in the branch dtype), ONE
+  call; against gather-then-LayerNorm, which reads the kept rows twice;
 - ``scaled_index_add``: the residual update out of place, ``x + alpha · gamma · source`` at the kept
   samples, one call per crop group back to back (x ``[B, N, C]`` the stream, source ``[k, N, C]``
   the branch output, gamma ``[C]`` fp32, alpha ``B / k``; ``fwd`` and ``fwd+bwd``: gradients for x,
@@ -38,6 +41,9 @@ once. With ``S = Σ B·N·C`` (every sample of the stream), ``K = Σ k·N·C`` (
     index_select_cat  fwd      read K of the sources, write K                       2K|x|
                       fwd+bwd  fwd, read the gradient (K), write the sources'       (3K + S)|x|
                                gradients (all S: zero where not kept)
+    index_select_     fwd      read K of the sources, write the normalised rows     K(|x| + |s|)
+      layer_norm      fwd+bwd  fwd, read dy (K|s|) and the kept rows again (K|x|),  K(2|x| + 2|s|)
+                               write the sources' gradients (S|x|)                    + S|x|
     scaled_index_add  fwd      read x (S) and source (K), write the new stream (S)  2S|x| + K|s|
                       fwd+bwd  fwd, read the gradient at the kept rows (K|x|) and   2S|x| + K(|x| + 3|s|)
                                source again (for gamma's gradient), write
@@ -45,9 +51,10 @@ once. With ``S = Σ B·N·C`` (every sample of the stream), ``K = Σ k·N·C`` (
     scaled_index_add  fwd      read the kept rows of x and source, write them       K(2|x| + |s|)
       _inplace
 
-Not counted: the indices (k int64 per group), gamma and its gradient (``O(C)``). At the ViT-L step
-(S = 29.9M, K = 17.8M elements) with an fp32 stream and a bf16 branch: 143, 334, 275, 418 and
-178 MB for the five rows above (bf16 stream: 71, 167, 156, 262, 107 MB).
+Not counted: the indices (k int64 per group), gamma and its gradient, LayerNorm's weight, bias
+and their gradients (``O(C)``). At the ViT-L step (S = 29.9M, K = 17.8M elements) with an fp32
+stream and a bf16 branch: 143, 334, 107, 333, 275, 418 and 178 MB for the seven rows above (bf16
+stream: 71, 167, 71, 202, 156, 262, 107 MB).
 GB/s is these bytes over the median time (1 GB = 1e9 bytes), from the CUDA-graph time when the
 capture worked (see below), else from the eager time; "copy" is that as a fraction of the device's
 measured copy bandwidth. The target (TARGETS.md, "Stochastic depth") is 80% of the copy bandwidth.
@@ -71,11 +78,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from dinov2_fast import _backend
 from dinov2_fast.benchmark import BenchContext, Benchmark, Record, Table, common, dtype_name
 from dinov2_fast.benchmark.common import PASSES
 from dinov2_fast.ops.index_select_cat import index_select_cat
+from dinov2_fast.ops.index_select_layer_norm import index_select_layer_norm
 from dinov2_fast.ops.scaled_index_add import scaled_index_add
 
 __all__ = [
@@ -100,10 +109,17 @@ __all__ = [
 ]
 
 DROP_RATE = 0.4
-OPS = ("index_select_cat", "scaled_index_add", "scaled_index_add_inplace")
+LAYER_NORM_EPS = 1e-6
+OPS = (
+    "index_select_cat",
+    "index_select_layer_norm",
+    "scaled_index_add",
+    "scaled_index_add_inplace",
+)
 # The op each workload's resolved backend is looked up for (ops._backend's names).
 _BACKEND_OP = {
     "index_select_cat": "index_select_cat",
+    "index_select_layer_norm": "index_select_layer_norm",
     "scaled_index_add": "scaled_index_add",
     "scaled_index_add_inplace": "scaled_index_add",
 }
@@ -188,6 +204,9 @@ def must_move_bytes(workload: Workload, pass_: str) -> int:
     x_bytes, s_bytes = common.itemsize(workload.stream), common.itemsize(workload.branch)
     if workload.op == "index_select_cat":
         return 2 * kept * x_bytes if pass_ == "fwd" else (3 * kept + big) * x_bytes
+    if workload.op == "index_select_layer_norm":
+        forward = kept * (x_bytes + s_bytes)
+        return forward if pass_ == "fwd" else 2 * forward + big * x_bytes
     if workload.op == "scaled_index_add":
         forward = 2 * big * x_bytes + kept * s_bytes
         return forward if pass_ == "fwd" else forward + kept * (x_bytes + 2 * s_bytes)
@@ -229,6 +248,10 @@ class Provider:
 def _ours(op: str) -> OpFn:
     if op == "index_select_cat":
         return lambda sources, indices: index_select_cat(sources, indices, validate=False)
+    if op == "index_select_layer_norm":
+        return lambda sources, indices, weight, bias: index_select_layer_norm(
+            sources, indices, weight, bias, LAYER_NORM_EPS, validate=False
+        )
     inplace = op == "scaled_index_add_inplace"
     return lambda x, index, source, gamma, alpha: scaled_index_add(
         x, index, source, gamma, alpha, inplace=inplace, validate=False
@@ -237,6 +260,12 @@ def _ours(op: str) -> OpFn:
 
 def _torch_index_select_cat(sources, indices):
     return torch.cat([s.index_select(0, i).flatten() for s, i in zip(sources, indices)])
+
+
+def _torch_index_select_layer_norm(sources, indices, weight, bias):
+    dim = sources[0].shape[-1]
+    gathered = torch.cat([s.index_select(0, i).reshape(-1, dim) for s, i in zip(sources, indices)])
+    return F.layer_norm(gathered, (dim,), weight, bias, LAYER_NORM_EPS)
 
 
 def _torch_scaled_index_add(x, index, source, gamma, alpha):
@@ -249,6 +278,7 @@ def _torch_scaled_index_add_inplace(x, index, source, gamma, alpha):
 
 _TORCH = {
     "index_select_cat": _torch_index_select_cat,
+    "index_select_layer_norm": _torch_index_select_layer_norm,
     "scaled_index_add": _torch_scaled_index_add,
     "scaled_index_add_inplace": _torch_scaled_index_add_inplace,
 }
@@ -319,6 +349,8 @@ def provider_status(
     compile_on_cpu: bool = False,
 ) -> tuple[str, str]:
     """``("ok", "")`` when ``provider`` can be timed, else ``("skipped" | "not timed", why)``."""
+    if provider.library == "xformers" and workload and workload.op == "index_select_layer_norm":
+        return "skipped", "xFormers has no gather fused with LayerNorm"
     return common.availability(provider, device, compile_on_cpu=compile_on_cpu)
 
 
@@ -368,7 +400,13 @@ def make_case(
         for k, (batch, _) in zip(shape.kept, shape.groups)
     ]
     fn = provider.make(workload.op)
-    if workload.op == "index_select_cat":
+    if workload.op == "index_select_layer_norm":
+        sources = [randn(batch, tokens, shape.dim, grad=True) for batch, tokens in shape.groups]
+        weight = (1 + 0.1 * randn(shape.dim, dtype=torch.float32)).requires_grad_()
+        bias = (0.1 * randn(shape.dim, dtype=torch.float32)).requires_grad_()
+        dout = randn(shape.kept_elements // shape.dim, shape.dim, dtype=workload.branch)
+        case = _layer_norm_case(provider, workload, fn, sources, indices, weight, bias, dout)
+    elif workload.op == "index_select_cat":
         sources = [randn(batch, tokens, shape.dim, grad=True) for batch, tokens in shape.groups]
         dout = randn(shape.kept_elements)
         case = _select_cat_case(provider, workload, fn, sources, indices, dout)
@@ -412,6 +450,36 @@ def _select_cat_case(provider, workload, fn, sources, indices, dout) -> Case:
             )
             offset += size
         return _max_error([out], [ref]), _max_error(grads, ref_grads), None
+
+    return Case(provider, workload, fwd, fwd_bwd, check)
+
+
+def _layer_norm_case(provider, workload, fn, sources, indices, weight, bias, dout) -> Case:
+    leaves = [*sources, weight, bias]
+    device_type = sources[0].device.type
+
+    def fwd():
+        with torch.autocast(device_type, dtype=workload.branch):
+            return fn(sources, indices, weight, bias)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), leaves, dout.to(fwd().dtype))
+
+    def check():
+        out = fwd()
+        grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        dim = sources[0].shape[-1]
+        gathered = torch.cat(
+            [s[i].reshape(-1, dim) for s, i in zip(ref_leaves[: len(sources)], indices)]
+        )
+        ref = F.layer_norm(gathered, (dim,), ref_leaves[-2], ref_leaves[-1], LAYER_NORM_EPS)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dout.to(out.dtype).double())
+        return (
+            _max_error([out], [ref]),
+            _max_error(grads[:-2], ref_grads[:-2]),
+            _max_error(grads[-2:], ref_grads[-2:]),
+        )
 
     return Case(provider, workload, fwd, fwd_bwd, check)
 
