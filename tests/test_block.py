@@ -10,6 +10,7 @@ import pytest
 import torch
 from dinov2_reference import RefBlock, RefMlp, RefSwiGLUFFNFused
 from dinov2_reference import drop_add_residual_stochastic_depth as ref_drop_add
+from dinov2_reference import drop_add_residual_stochastic_depth_list as ref_drop_add_list
 from reference import assert_close_to_reference
 
 from dinov2_fast import _backend, nn
@@ -227,6 +228,27 @@ def test_drop_add_residual_stochastic_depth_matches_dinov2():
     torch.manual_seed(5)
     expected = ref_drop_add(x.double(), lambda t: torch.tanh(t) * gamma.double(), 0.35)
     assert_close_to_reference(ours, expected, "out")
+
+
+def test_drop_add_residual_stochastic_depth_list_matches_dinov2():
+    groups = [torch.randn(6, 4, 8), torch.randn(3, 2, 8)]
+    gamma = torch.rand(8) + 0.5
+    weight = torch.randn(8, 8)
+
+    def residual(x, attn_bias=None):
+        return torch.tanh(x @ weight)  # mixes channels, not tokens: the mask is not needed
+
+    torch.manual_seed(6)
+    ours = block_module.drop_add_residual_stochastic_depth_list(groups, residual, 0.4, gamma)
+    torch.manual_seed(6)
+    expected = ref_drop_add_list(
+        [g.double() for g in groups],
+        lambda x, attn_bias=None: torch.tanh(x @ weight.double()),
+        0.4,
+        gamma.double(),
+    )
+    for i, (out, ref) in enumerate(zip(ours, expected)):
+        assert_close_to_reference(out, ref, f"group {i}", 4.0)
 
 
 def test_state_dict_keys_match_dinov2():

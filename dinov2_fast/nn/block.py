@@ -226,11 +226,10 @@ class Block(nn.Module):
 
     # The residual branches without LayerScale (it is applied by the update).
     def _attn_branch(self, x: torch.Tensor, attn_bias: BlockDiagonalMask | None = None):
-        normed = self.norm1(x)
-        return self.attn(normed) if attn_bias is None else self.attn(normed, attn_bias=attn_bias)
+        return self._attn_after_norm(self.norm1(x), attn_bias)
 
     def _ffn_branch(self, x: torch.Tensor, attn_bias: BlockDiagonalMask | None = None):
-        return self.mlp(self.norm2(x))
+        return self._ffn_after_norm(self.norm2(x), attn_bias)
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]):
         if isinstance(x, torch.Tensor):
