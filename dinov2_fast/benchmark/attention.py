@@ -740,10 +740,6 @@ def run(
 # --- tables --------------------------------------------------------------------------------------
 
 
-def _error_cell(record: Record) -> str:
-    return "-" if record["max_rel_err"] is None else f"{record['max_rel_err']:.1e}"
-
-
 def _cells(record: Record) -> list[str]:
     return [
         record["shape"],
@@ -753,7 +749,7 @@ def _cells(record: Record) -> list[str]:
         common.number(record["TFLOPS"], 2),
         common.speedup(record["speedup"]),
         common.number(record["peak_MiB"], 0),
-        _error_cell(record),
+        common.error(record["max_rel_err"]),
         "MISMATCH" if record["check"] == "MISMATCH" else record["note"],
     ]
 

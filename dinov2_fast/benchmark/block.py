@@ -669,7 +669,7 @@ def _cells(record: Record) -> list[str]:
         common.number(record["peak_MiB"], 0),
         common.speedup(record["memory_ratio"]),
         common.speedup(record["speedup"]),
-        "-" if record["max_rel_err"] is None else f"{record['max_rel_err']:.1e}",
+        common.error(record["max_rel_err"]),
         "MISMATCH" if record["check"] == "MISMATCH" else record["note"],
     ]
 

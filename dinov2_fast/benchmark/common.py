@@ -29,6 +29,7 @@ __all__ = [
     "add_speedups",
     "availability",
     "choose_shapes",
+    "error",
     "first_line",
     "itemsize",
     "measure_passes",
@@ -385,6 +386,11 @@ def percent(fraction: float | None) -> str:
 
 def speedup(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def error(value: float | None) -> str:
+    """A table cell for a relative error (``max_rel_err``): one significant digit, or "-"."""
+    return "-" if value is None else f"{value:.1e}"
 
 
 def provider_table(

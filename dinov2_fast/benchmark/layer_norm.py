@@ -459,7 +459,7 @@ def _cells(record: Record) -> list[str]:
         common.number(record["GBps"], 0),
         common.percent(record["copy_fraction"]),
         common.speedup(record["speedup"]),
-        "-" if record["max_rel_err"] is None else f"{record['max_rel_err']:.1e}",
+        common.error(record["max_rel_err"]),
         "MISMATCH" if record["check"] == "MISMATCH" else record["note"],
     ]
 

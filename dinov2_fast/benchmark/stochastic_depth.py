@@ -682,10 +682,6 @@ def _order(record: Record) -> tuple:
     return OPS.index(record["op"]), record["shape"], stream, PASSES.index(record["pass"])
 
 
-def _error_cell(record: Record) -> str:
-    return "-" if record["max_rel_err"] is None else f"{record['max_rel_err']:.1e}"
-
-
 def _cells(record: Record) -> list[str]:
     return [
         record["op"],
@@ -698,7 +694,7 @@ def _cells(record: Record) -> list[str]:
         common.number(record["GBps"], 0),
         common.percent(record["copy_fraction"]),
         common.speedup(record["speedup"]),
-        _error_cell(record),
+        common.error(record["max_rel_err"]),
         "MISMATCH" if record["check"] == "MISMATCH" else record["note"],
     ]
 
