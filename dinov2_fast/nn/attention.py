@@ -9,7 +9,40 @@ from dinov2_fast import _backend
 from dinov2_fast.ops.attention import _run, attention_qkvpacked, check_attn_bias
 from dinov2_fast.ops.block_diagonal_mask import BlockDiagonalMask
 
-__all__ = ["Attention", "MemEffAttention"]
+__all__ = ["Attention", "MemEffAttention", "qkv_self_attention"]
+
+
+def qkv_self_attention(
+    module: nn.Module,
+    x: torch.Tensor,
+    attn_bias: BlockDiagonalMask | None,
+    backend: str,
+) -> torch.Tensor:
+    """The forward, without dropout, of any attention module laid out as DINOv2's and timm's are:
+    ``module.qkv`` (a Linear to ``3 * width``, ordered [3][heads][head dim]), ``num_heads``,
+    ``scale``, ``proj`` and ``proj_drop``. Used by :class:`Attention` and by ``dinov2_fast.patch``.
+
+    x is ``[B, N, C]``; with a :class:`BlockDiagonalMask` it is the packed ``[1, T, C]`` sequence.
+    The qkv projection's output is read in place and the backward writes one dqkv.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, C], got shape {list(x.shape)}")
+    batch, tokens, _ = x.shape
+    qkv = module.qkv(x)
+    width = qkv.shape[-1] // 3
+    qkv = qkv.reshape(batch, tokens, 3, module.num_heads, width // module.num_heads)
+    if attn_bias is None:
+        out = attention_qkvpacked(qkv, scale=module.scale, backend=backend)
+    else:
+        check_attn_bias(attn_bias)
+        if batch != 1:
+            raise ValueError(
+                f"x must be the packed [1, T, C] sequence with a BlockDiagonalMask, got batch "
+                f"{batch}"
+            )
+        q, k, v = qkv[0].unbind(-3)
+        out = _run(q, k, v, qkv[0], module.scale, attn_bias, None, backend)
+    return module.proj_drop(module.proj(out.reshape(batch, tokens, width)))
 
 
 class Attention(nn.Module):
@@ -46,26 +79,13 @@ class Attention(nn.Module):
         self.backend = _backend.check_name(backend)
 
     def forward(self, x: torch.Tensor, attn_bias: BlockDiagonalMask | None = None) -> torch.Tensor:
-        batch, tokens, channels = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads)
         dropout = self.attn_drop.p if self.training else 0.0
         if dropout > 0:
+            batch, tokens, channels = x.shape
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads)
             out = self._attention_with_dropout(qkv, attn_bias, dropout)
-        elif attn_bias is None:
-            out = attention_qkvpacked(qkv, scale=self.scale, backend=self.backend)
-        else:
-            out = self._packed(qkv, attn_bias)
-        return self.proj_drop(self.proj(out.reshape(batch, tokens, channels)))
-
-    def _packed(self, qkv: torch.Tensor, attn_bias: BlockDiagonalMask) -> torch.Tensor:
-        check_attn_bias(attn_bias)
-        if qkv.shape[0] != 1:
-            raise ValueError(
-                f"x must be the packed [1, T, C] sequence with a BlockDiagonalMask, got batch "
-                f"{qkv.shape[0]}"
-            )
-        q, k, v = qkv[0].unbind(-3)
-        return _run(q, k, v, qkv[0], self.scale, attn_bias, None, self.backend)
+            return self.proj_drop(self.proj(out.reshape(batch, tokens, channels)))
+        return qkv_self_attention(self, x, attn_bias, self.backend)
 
     def _attention_with_dropout(self, qkv, attn_bias, dropout: float) -> torch.Tensor:
         if self.backend != "torch":
