@@ -2,6 +2,7 @@
 
 from dinov2_fast import nn, ops
 from dinov2_fast._backend import BACKENDS
+from dinov2_fast.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "BACKENDS", "__version__"]
+__all__ = ["nn", "ops", "BACKENDS", "PatchReport", "patch", "unpatch", "__version__"]

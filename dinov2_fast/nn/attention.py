@@ -20,7 +20,7 @@ def qkv_self_attention(
 ) -> torch.Tensor:
     """The forward, without dropout, of any attention module laid out as DINOv2's and timm's are:
     ``module.qkv`` (a Linear to ``3 * width``, ordered [3][heads][head dim]), ``num_heads``,
-    ``scale``, ``proj`` and ``proj_drop``. Used by :class:`Attention` and by ``dinov2_fast.patch``.
+    ``scale`` (default ``head_dim ** -0.5``), ``proj`` and ``proj_drop``. Used by :class:`Attention` and by ``dinov2_fast.patch``.
 
     x is ``[B, N, C]``; with a :class:`BlockDiagonalMask` it is the packed ``[1, T, C]`` sequence.
     The qkv projection's output is read in place and the backward writes one dqkv.
@@ -31,8 +31,9 @@ def qkv_self_attention(
     qkv = module.qkv(x)
     width = qkv.shape[-1] // 3
     qkv = qkv.reshape(batch, tokens, 3, module.num_heads, width // module.num_heads)
+    scale = getattr(module, "scale", None)
     if attn_bias is None:
-        out = attention_qkvpacked(qkv, scale=module.scale, backend=backend)
+        out = attention_qkvpacked(qkv, scale=scale, backend=backend)
     else:
         check_attn_bias(attn_bias)
         if batch != 1:
@@ -41,7 +42,7 @@ def qkv_self_attention(
                 f"{batch}"
             )
         q, k, v = qkv[0].unbind(-3)
-        out = _run(q, k, v, qkv[0], module.scale, attn_bias, None, backend)
+        out = _run(q, k, v, qkv[0], scale, attn_bias, None, backend)
     return module.proj_drop(module.proj(out.reshape(batch, tokens, width)))
 
 
