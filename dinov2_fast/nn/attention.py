@@ -20,7 +20,7 @@ def qkv_self_attention(
 ) -> torch.Tensor:
     """The forward, without dropout, of any attention module laid out as DINOv2's and timm's are:
     ``module.qkv`` (a Linear to ``3 * width``, ordered [3][heads][head dim]), ``num_heads``,
-    ``scale`` (default ``head_dim ** -0.5``), ``proj`` and ``proj_drop``. Used by :class:`Attention` and by ``dinov2_fast.patch``.
+    ``scale`` (default ``head_dim ** -0.5``), ``proj`` and ``proj_drop`` (optional). Used by :class:`Attention` and by ``dinov2_fast.patch``.
 
     x is ``[B, N, C]``; with a :class:`BlockDiagonalMask` it is the packed ``[1, T, C]`` sequence.
     The qkv projection's output is read in place and the backward writes one dqkv.
@@ -43,7 +43,9 @@ def qkv_self_attention(
             )
         q, k, v = qkv[0].unbind(-3)
         out = _run(q, k, v, qkv[0], scale, attn_bias, None, backend)
-    return module.proj_drop(module.proj(out.reshape(batch, tokens, width)))
+    out = module.proj(out.reshape(batch, tokens, width))
+    proj_drop = getattr(module, "proj_drop", None)  # DINOv2's and timm's have one; copies may not
+    return out if proj_drop is None else proj_drop(out)
 
 
 class Attention(nn.Module):
