@@ -6,6 +6,7 @@ from dinov2_fast.nn.drop_path import DropPath
 from dinov2_fast.nn.layer_norm import LayerNorm
 from dinov2_fast.nn.layer_scale import LayerScale
 from dinov2_fast.nn.mlp import Mlp
+from dinov2_fast.nn.patch_embed import PatchEmbed
 from dinov2_fast.nn.swiglu_ffn import SwiGLUFFN, SwiGLUFFNFused
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "MemEffAttention",
     "Mlp",
     "NestedTensorBlock",
+    "PatchEmbed",
     "SwiGLUFFN",
     "SwiGLUFFNFused",
 ]
