@@ -9,9 +9,10 @@ import copy
 
 import pytest
 import torch
+from dinov2_reference import RefDinoVisionTransformer, RefNestedBlock
 from torch import nn
 
-from dinov2_fast import _backend, patch, unpatch
+from dinov2_fast import _backend, models, patch, unpatch
 from dinov2_fast.patch import PatchReport
 
 timm = pytest.importorskip("timm")
@@ -86,18 +87,24 @@ def _with_subset_drop_path(model: nn.Module) -> nn.Module:
     return model
 
 
-def _run(model, images, seed, train, grad_output=None):
-    """Output (and parameter gradients when training) of ``model(images)`` under ``seed``."""
+def _run(model, inputs, seed, train, apply, grad_output=None):
+    """``apply(model, inputs)`` under ``seed`` in the model's dtype; with ``train``, also the
+    parameter gradients for ``grad_output``."""
     model.train(train)
     dtype = next(model.parameters()).dtype
+    inputs = [x.to(dtype) for x in inputs]
     torch.manual_seed(seed)
     if not train:
         with torch.no_grad():
-            return model(images.to(dtype)), {}
+            return apply(model, inputs), {}
     model.zero_grad()
-    out = model(images.to(dtype))
+    out = apply(model, inputs)
     out.backward(grad_output.to(out.dtype))
     return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _timm_apply(model, inputs):
+    return model(inputs[0])
 
 
 def _assert_as_close_as_stock(name, ours, stock, reference, slack=2.0):
@@ -114,8 +121,10 @@ def _assert_as_close_as_stock(name, ours, stock, reference, slack=2.0):
     )
 
 
-def _compare(model_fn, train, seed=0, dtype=torch.float32, prepare=lambda m: m):
+def _compare(model_fn, train, seed=0, dtype=torch.float32, prepare=lambda m: m, **options):
     """The patched model in ``dtype`` against the unpatched one in ``dtype`` and in float64."""
+    apply = options.get("apply", _timm_apply)
+    inputs = options.get("inputs") or [torch.randn(5, 3, IMG, IMG, device=DEVICE)]
     stock = model_fn()
     patched = copy.deepcopy(stock)
     report = patch(patched, backend=BACKEND)
@@ -123,9 +132,8 @@ def _compare(model_fn, train, seed=0, dtype=torch.float32, prepare=lambda m: m):
     reference = prepare(copy.deepcopy(stock)).double()
     stock = prepare(stock).to(dtype)
     patched = patched.to(dtype)
-    images = torch.randn(5, 3, IMG, IMG, device=DEVICE)
-    grad = torch.randn_like(_run(reference, images, seed, False)[0])
-    results = [_run(m, images, seed, train, grad) for m in (patched, stock, reference)]
+    grad = torch.randn_like(_run(reference, inputs, seed, False, apply)[0])
+    results = [_run(m, inputs, seed, train, apply, grad) for m in (patched, stock, reference)]
     (out, grads), (stock_out, stock_grads), (ref_out, ref_grads) = results
     _assert_as_close_as_stock("output", out, stock_out, ref_out)
     assert grads.keys() == stock_grads.keys() == ref_grads.keys()
@@ -159,6 +167,16 @@ def test_timm_training_matches_unpatched(variant, drop_path_rate):
         seed=7,
         prepare=_with_subset_drop_path,
     )
+
+
+def test_from_timm_takes_a_patched_timm_model():
+    model = _timm_model("reg4").eval()
+    patch(model, backend=BACKEND)
+    ours = models.from_timm(model).to(DEVICE).eval()
+    images = torch.randn(2, 3, IMG, IMG, device=DEVICE)
+    with torch.no_grad():
+        expected = model.forward_features(images)[:, 0]
+        torch.testing.assert_close(ours(images), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_timm_block_with_a_mask_runs_its_own_forward():
@@ -334,3 +352,76 @@ def test_torch_compile_traces_a_patched_model_without_graph_breaks():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled(images).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+# --- a model of DINOv2's layout (DINOv2's own classes, re-implemented in tests/dinov2_reference.py) ---
+
+
+class NestedTensorBlock(RefNestedBlock):
+    """The block under DINOv2's class name, as DINOv2's builders make it."""
+
+
+def _dinov2_model(drop_path_rate=0.0, **kwargs):
+    model = RefDinoVisionTransformer(
+        img_size=IMG,
+        patch_size=14,
+        embed_dim=128,
+        depth=4,
+        num_heads=2,
+        init_values=1.0,
+        block_chunks=2,  # keys blocks.{chunk}.{i}, as in DINOv2's training checkpoints
+        drop_path_rate=drop_path_rate,
+        drop_path_uniform=True,
+        block_fn=NestedTensorBlock,
+        **kwargs,
+    )
+    return _randomize(model).to(DEVICE)
+
+
+def _features(model, inputs):
+    out = model.forward_features(inputs[0])
+    return torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].flatten(1)], dim=1)
+
+
+def _features_list(model, inputs):
+    """Global and local crops through the packed path (DINOv2's student forward)."""
+    outs = model.forward_features_list(inputs, [None] * len(inputs))
+    return torch.cat([o["x_norm_patchtokens"].flatten() for o in outs])
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("train, drop_path_rate", [(False, 0.0), (True, 0.0), (True, 0.4)])
+def test_dinov2_layout_matches_unpatched(registers, train, drop_path_rate):
+    report = _compare(
+        lambda: _dinov2_model(drop_path_rate, num_register_tokens=registers),
+        train=train,
+        seed=11,
+        apply=_features,
+    )
+    assert report.counts()["replaced"] == {"layer_norm": 9, "attention": 4, "block": 4}
+
+
+@pytest.mark.parametrize("train, drop_path_rate", [(False, 0.0), (True, 0.05), (True, 0.4)])
+def test_dinov2_layout_packed_crops_match_unpatched(train, drop_path_rate):
+    """forward_features_list: without xFormers DINOv2's list path cannot run; patched, it runs
+    packed with our kernels and equals the reference's (the same subset draws per group)."""
+    crops = [torch.randn(3, 3, IMG, IMG, device=DEVICE), torch.randn(5, 3, 28, 28, device=DEVICE)]
+    _compare(
+        lambda: _dinov2_model(drop_path_rate),
+        train=train,
+        seed=5,
+        apply=_features_list,
+        inputs=crops,
+    )
+
+
+def test_dinov2_layout_state_dict_round_trips():
+    model = _dinov2_model()
+    keys = list(model.state_dict())
+    assert "blocks.1.3.attn.qkv.weight" in keys  # chunk 1 holds blocks 2 and 3 after Identity pads
+    patch(model)
+    assert list(model.state_dict()) == keys
+    unpatch(model)
+    fresh = _dinov2_model()
+    patch(fresh)
+    fresh.load_state_dict(model.state_dict(), strict=True)
