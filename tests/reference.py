@@ -24,3 +24,20 @@ def assert_close_to_reference(
     tolerance = _ULPS[actual.dtype] * torch.finfo(actual.dtype).eps * scale
     error = (actual.double() - reference).abs().max().item() if reference.numel() else 0.0
     assert error <= tolerance, f"{name}: max error {error:.3g} > tolerance {tolerance:.3g}"
+
+
+def randomize_weights(module: torch.nn.Module, spread: float = 0.2) -> torch.nn.Module:
+    """Unit-scale random weights, so that every branch of a model shows in its output (DINOv2's
+    init leaves the blocks near the identity): LayerScale's gamma far from its init, norm weights
+    near 1, matrices scaled by fan-in, the rest (biases, tokens, positions) normal(0, spread)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.5, 1.5)
+            elif "norm" in name and name.endswith("weight"):
+                param.normal_(1.0, 0.2)
+            elif name.endswith("weight") and param.dim() > 1:
+                param.normal_(0.0, param[0].numel() ** -0.5)
+            else:
+                param.normal_(0.0, spread)
+    return module

@@ -11,7 +11,7 @@ import torch
 from dinov2_reference import RefBlock, RefMlp, RefSwiGLUFFNFused
 from dinov2_reference import drop_add_residual_stochastic_depth as ref_drop_add
 from dinov2_reference import drop_add_residual_stochastic_depth_list as ref_drop_add_list
-from reference import assert_close_to_reference
+from reference import assert_close_to_reference, randomize_weights
 
 from dinov2_fast import _backend, nn
 from dinov2_fast.nn import block as block_module
@@ -40,16 +40,7 @@ def _blocks(drop_path, backend, ffn="mlp", init_values=1.0):
         ffn_layer=nn.Mlp if ffn == "mlp" else nn.SwiGLUFFNFused,
         backend=backend,
     )
-    with torch.no_grad():
-        for name, param in ours.named_parameters():
-            if name.endswith("gamma"):
-                param.uniform_(0.5, 1.5)  # far from init_values, so a wrong gamma shows
-            elif "norm" in name and name.endswith("weight"):
-                param.normal_(1.0, 0.2)
-            elif name.endswith("weight"):
-                param.normal_(0.0, param.shape[1] ** -0.5)
-            else:
-                param.normal_(0.0, 0.2)
+    randomize_weights(ours)
     ref_ffn = RefMlp if ffn == "mlp" else RefSwiGLUFFNFused
     ref = RefBlock(
         DIM,

@@ -14,7 +14,7 @@ import functools
 import pytest
 import torch
 from dinov2_reference import RefDINOHead, RefDinoVisionTransformer, RefNestedBlock
-from reference import assert_close_to_reference
+from reference import assert_close_to_reference, randomize_weights
 
 from dinov2_fast import _backend, models, nn
 
@@ -54,17 +54,7 @@ def _config(name, **overrides):
 
 
 def _randomize(module: torch.nn.Module) -> None:
-    """Unit-scale random weights (the DINOv2 init leaves the blocks near the identity)."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("gamma"):
-                param.uniform_(0.5, 1.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.normal_(1.0, 0.2)
-            elif name.endswith("weight") and param.dim() > 1:
-                param.normal_(0.0, param[0].numel() ** -0.5)
-            else:
-                param.normal_(0.0, 0.5)
+    randomize_weights(module, spread=0.5)
 
 
 def _pair(name, backend="torch", **overrides):

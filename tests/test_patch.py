@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from dinov2_reference import RefDinoVisionTransformer, RefNestedBlock
+from reference import randomize_weights
 from torch import nn
 
 from dinov2_fast import _backend, models, patch, unpatch
@@ -32,21 +33,6 @@ TIMM_VARIANTS = {
 }
 
 
-def _randomize(model: nn.Module) -> nn.Module:
-    """Unit-scale random weights: LayerScale far from its 1e-5 init, so every branch shows."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gamma"):
-                param.uniform_(0.5, 1.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.normal_(1.0, 0.2)
-            elif param.dim() >= 2 and "token" not in name and "pos_embed" not in name:
-                param.normal_(0.0, param[0].numel() ** -0.5)
-            else:
-                param.normal_(0.0, 0.2)
-    return model
-
-
 def _timm_model(variant: str, drop_path_rate: float = 0.0, depth: int = 2, **kwargs) -> nn.Module:
     name, extra = TIMM_VARIANTS[variant]
     model = timm.create_model(
@@ -57,7 +43,7 @@ def _timm_model(variant: str, drop_path_rate: float = 0.0, depth: int = 2, **kwa
         drop_path_rate=drop_path_rate,
         **{**extra, **kwargs},
     )
-    return _randomize(model).to(DEVICE)
+    return randomize_weights(model).to(DEVICE)
 
 
 class _SubsetDropPath(nn.Module):
@@ -375,7 +361,7 @@ def _dinov2_model(drop_path_rate=0.0, **kwargs):
         block_fn=NestedTensorBlock,
         **kwargs,
     )
-    return _randomize(model).to(DEVICE)
+    return randomize_weights(model).to(DEVICE)
 
 
 def _features(model, inputs):
