@@ -39,7 +39,7 @@ from dinov2_fast.nn.block import Block
 from dinov2_fast.nn.layer_norm import LayerNorm
 from dinov2_fast.ops.attention import HEAD_DIMS
 
-__all__ = ["PatchEntry", "PatchReport", "patch", "unpatch"]
+__all__ = ["PatchEntry", "PatchReport", "is_vit_block", "patch", "unpatch", "vit_blocks"]
 
 KINDS = ("layer_norm", "attention", "block")
 
@@ -407,6 +407,27 @@ def _kind(module: nn.Module) -> str | None:
     if all(hasattr(module, name) for name in ("norm1", "attn", "norm2", "mlp")):
         return "block"
     return None
+
+
+def is_vit_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a pre-norm ViT block: ours, DINOv2's (Block, NestedTensorBlock) or
+    timm's Block, patched or not (a class of one of those names in its MRO, with ``norm1, attn,
+    norm2, mlp``). FSDP wrapping and activation checkpointing take these as their units."""
+    if isinstance(module, Block):
+        return True
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return bool(names & set(_BLOCK_CLASS_NAMES)) and _kind(module) == "block"
+
+
+def vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` for every :func:`is_vit_block` in ``model``, in module order (blocks
+    inside DINOv2's BlockChunks included; a block inside another block is not a unit of its own)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found)
+        if is_vit_block(module) and not inside:
+            found.append((name, module))
+    return found
 
 
 def _class_name(cls: type) -> str:

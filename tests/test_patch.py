@@ -401,6 +401,22 @@ def test_dinov2_layout_packed_crops_match_unpatched(train, drop_path_rate):
     )
 
 
+def test_vit_blocks_finds_ours_dinov2s_and_timms_blocks():
+    from dinov2_fast.patch import is_vit_block, vit_blocks
+
+    timm_model = _timm_model("small", depth=3)
+    assert [name for name, _ in vit_blocks(timm_model)] == ["blocks.0", "blocks.1", "blocks.2"]
+    patch(timm_model)
+    assert len(vit_blocks(timm_model)) == 3  # patched blocks too
+    dinov2 = _dinov2_model()  # chunked: blocks.{chunk}.{i}
+    names = [name for name, _ in vit_blocks(dinov2)]
+    assert names == ["blocks.0.0", "blocks.0.1", "blocks.1.2", "blocks.1.3"]
+    ours = models.DinoVisionTransformer(28, 14, embed_dim=64, depth=2, num_heads=2, block_chunks=0)
+    assert [name for name, _ in vit_blocks(ours)] == ["blocks.0", "blocks.1"]
+    post_norm = timm.models.vision_transformer.ResPostBlock(64, 2)
+    assert not is_vit_block(post_norm) and not is_vit_block(nn.Linear(2, 2))
+
+
 def test_dinov2_layout_state_dict_round_trips():
     model = _dinov2_model()
     keys = list(model.state_dict())
