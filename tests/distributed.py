@@ -1,0 +1,78 @@
+"""Launching multi-process tests: ``torchrun --standalone`` from pytest, on the CPU with gloo.
+
+A worker is a script in tests/ that calls :func:`init_worker`, does its part and writes what the
+test compares with :func:`save_result` (rank 0, or every rank with ``all_ranks``); the test runs it
+with :func:`torchrun` and reads the results back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TESTS = Path(__file__).resolve().parent
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: float = 600) -> None:
+    """Run ``tests/<script>`` on ``nproc`` processes; fail with the workers' output on error."""
+    env = dict(os.environ)
+    env.setdefault("TRITON_INTERPRET", "1")  # the workers run our Triton kernels like the tests
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(TESTS / script),
+        *args,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(
+            f"torchrun {script} {' '.join(args)} on {nproc} processes failed "
+            f"({done.returncode}):\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+        )
+
+
+def init_worker() -> tuple[int, int]:
+    """The process group (gloo; CPU) of a worker started by :func:`torchrun`: (rank, world)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def save_result(path: str | Path, result: Any, *, all_ranks: bool = False) -> None:
+    """Write ``result`` (tensors become lists) as JSON: from rank 0, or from every rank to
+    ``<path>.rank<r>`` with ``all_ranks``."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not all_ranks and rank != 0:
+        return
+    target = Path(f"{path}.rank{rank}" if all_ranks else path)
+    target.write_text(json.dumps(_plain(result)))
+
+
+def load_result(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().double().cpu().tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
