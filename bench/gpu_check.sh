@@ -9,7 +9,7 @@
 #   GPU_CHECK_STEPS="tests block" bash bench/gpu_check.sh
 #                                        only these steps (default: all), in the usual order, of:
 #                                        info tests layernorm attention stochastic-depth block
-#                                        (build always runs; info includes nvidia-smi)
+#                                        model (build always runs; info includes nvidia-smi)
 #   GPU_CHECK_CUDA=0                     build without the CUDA extension (saves ~40 s when no
 #                                        chosen step needs backend='cuda')
 #   GPU_CHECK_TESTS="tests/test_block.py"   the GPU tests to run (default: all of tests/)
@@ -17,10 +17,10 @@
 # Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, bench.log (every benchmark's
 # output), NAME.json per benchmark, summary.txt. Every step has a time limit, and all of them
 # together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes). Each benchmark asks for
-# a share (layernorm 100 s, attention 150 s, stochastic-depth 75 s, block 150 s) and keeps what the
-# later ones ask for while that leaves it a third of what is left; it stops starting measurements in
-# time to write its JSON. A failed step does not stop the later ones; the exit status is 1 when any
-# step failed. Environment: PYTHON (default: python, else python3).
+# a share (layernorm 100 s, attention 150 s, stochastic-depth 75 s, block 150 s, model 120 s) and
+# keeps what the later ones ask for while that leaves it a third of what is left; it stops starting
+# measurements in time to write its JSON. A failed step does not stop the later ones; the exit
+# status is 1 when any step failed. Environment: PYTHON (default: python, else python3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +30,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
         -h | --help)
-            sed -n '2,20p' "${BASH_SOURCE[0]}"
+            sed -n '2,/^[^#]/{/^#/p}' "${BASH_SOURCE[0]}" # the comment above
             exit 0
             ;;
         *)
@@ -41,8 +41,8 @@ for arg in "$@"; do
 done
 
 # The benchmarks in the order they run, and the seconds each asks for.
-BENCHES=(layernorm attention stochastic-depth block)
-declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150)
+BENCHES=(layernorm attention stochastic-depth block model)
+declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150 [model]=120)
 KNOWN_STEPS="build info tests ${BENCHES[*]}"
 STEPS="${GPU_CHECK_STEPS:-$KNOWN_STEPS}"
 for name in $STEPS; do

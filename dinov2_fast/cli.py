@@ -4,8 +4,10 @@
         versions, GPUs, which backends run on CUDA and CPU tensors (and why not), optional libraries
     dinov2-fast bench [NAME ...] [--json PATH] [--shapes SHAPES] [--dtype bf16|fp16|fp32]
                       [--device cuda|cpu] [--quick] [--compile] [--time-limit S] [--quiet]
+                      [--arch ARCH] [--batch B] [--img-size PX] [--drop-path P] [--source SRC]
         time dinov2-fast's ops against torch and other libraries (no NAME: every benchmark, or
-        with --shapes every benchmark whose form of shapes it is)
+        with --shapes every benchmark whose form of shapes it is); --arch to --source configure
+        the model benchmark (``bench model``) only
     dinov2-fast report PATH [--headline]
         print the tables of a report that ``bench --json`` wrote
 
@@ -210,6 +212,14 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if errors and (args.names or not shapes):
             parser.error(f"--shapes: {'; '.join(errors)}")
         names = list(shapes)
+    model_options = _model_options(args, parser)
+    if model_options is not None:
+        if "model" not in names:
+            parser.error(
+                "--arch, --batch, --img-size, --drop-path and --source configure the model "
+                "benchmark only: `dinov2-fast bench model ...`"
+            )
+        shapes["model"] = [model_options]
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
     if args.device is None:
@@ -248,6 +258,24 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             print(f"failed (error or MISMATCH), {whose}: {', '.join(which)}", file=sys.stderr)
     # Only our own kernels failing is a failure of the command; a comparison library may be broken.
     return 1 if any(r["ours"] for r in failed) else 0
+
+
+def _model_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The model benchmark's options when any was given (else None); bad ones end in
+    ``parser.error``."""
+    from dinov2_fast.benchmark import model
+
+    try:
+        options = model.Options(
+            arch=args.arch,
+            batch=args.batch,
+            img_size=args.img_size,
+            drop_path=args.drop_path,
+            source=args.source,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    return options if options.given() else None
 
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -326,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
         "time) and the report is still written",
     )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    _add_model_options(bench)
     bench.set_defaults(handler=_cmd_bench)
 
     report = commands.add_parser(
@@ -339,6 +368,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(handler=_cmd_report)
     return parser
+
+
+def _add_model_options(bench: argparse.ArgumentParser) -> None:
+    from dinov2_fast.benchmark.model import ARCHS, CPU, CPU_DEPTH, DEFAULTS, QUICK, SOURCES
+
+    group = bench.add_argument_group(
+        "model benchmark (bench model)",
+        f"Without a GPU or with --quick a tiny model of {CPU_DEPTH} blocks runs, and unless "
+        f"given a small batch and images (batch {CPU['batch']}, {CPU['img_size']} px; --quick: "
+        f"{QUICK['arch']}, batch {QUICK['batch']}, {QUICK['img_size']} px).",
+    )
+    group.add_argument("--arch", choices=list(ARCHS), help=f"the ViT (default: {DEFAULTS['arch']})")
+    group.add_argument(
+        "--batch", type=int, metavar="B", help=f"images per step (default: {DEFAULTS['batch']})"
+    )
+    group.add_argument(
+        "--img-size",
+        type=int,
+        metavar="PX",
+        help=f"image side, a multiple of the patch size 14 (default: {DEFAULTS['img_size']})",
+    )
+    group.add_argument(
+        "--drop-path",
+        type=float,
+        metavar="P",
+        help=f"stochastic depth rate of every block (default: {DEFAULTS['drop_path']}, as "
+        "DINOv2's ViT-L/14 config)",
+    )
+    group.add_argument(
+        "--source",
+        choices=list(SOURCES),
+        help="dinov2: DINOv2's model with stock PyTorch blocks; timm: timm's "
+        "vit_*_patch14_dinov2, when timm is installed (default: dinov2)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
