@@ -5,11 +5,18 @@
     dinov2-fast bench [NAME ...] [--json PATH] [--shapes SHAPES] [--dtype bf16|fp16|fp32]
                       [--device cuda|cpu] [--quick] [--compile] [--time-limit S] [--quiet]
                       [--arch ARCH] [--batch B] [--img-size PX] [--drop-path P] [--source SRC]
+                      [--plot PATH]
         time dinov2-fast's ops against torch and other libraries (no NAME: every benchmark, or
-        with --shapes every benchmark whose form of shapes it is); --arch to --source configure
-        the model benchmark (``bench model``) only
+        with --shapes every benchmark whose form of shapes it is); --arch to --drop-path
+        configure the model and train-step benchmarks, --source the model benchmark only, --plot
+        (a bar chart: png, pdf or svg) the train-step benchmark only
     dinov2-fast report PATH [--headline]
         print the tables of a report that ``bench --json`` wrote
+    dinov2-fast train [--config demo|vits14|vitb14|vitl14|vitg14|FILE] [--data DIR] [--impl ...]
+                      [--output-dir DIR] [--max-steps N] [--resume] [key=value ...]
+        DINOv2 self-supervised training (dinov2_fast.train.cli)
+    dinov2-fast eval knn --checkpoint PATH [--data DIR]
+        k-NN accuracy of a trained teacher
 
 ``--json -`` writes the JSON to stdout instead of the tables. Tables use ``rich`` when it is
 installed (``pip install dinov2-fast[bench]``) and plain aligned text otherwise.
@@ -212,20 +219,38 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if errors and (args.names or not shapes):
             parser.error(f"--shapes: {'; '.join(errors)}")
         names = list(shapes)
-    model_options = _model_options(args, parser)
-    if model_options is not None:
-        if "model" not in names:
+    shapes.update(_sized_options(args, parser, names))
+    if args.plot is not None:
+        if "train-step" not in names:
             parser.error(
-                "--arch, --batch, --img-size, --drop-path and --source configure the model "
-                "benchmark only: `dinov2-fast bench model ...`"
+                "--plot draws the train-step benchmark: `dinov2-fast bench train-step ...`"
             )
-        shapes["model"] = [model_options]
+        from dinov2_fast.benchmark import train_step
+
+        try:
+            train_step.check_plot_path(args.plot)
+        except (ValueError, ImportError) as error:
+            parser.error(str(error))
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
+    if "train-step" in names:  # what it runs depends on the device: check it now
+        options = shapes.get("train-step", [None])[0]
+        try:
+            from dinov2_fast.benchmark import train_step
+
+            (options or train_step.Options()).resolve(
+                quick=args.quick, on_gpu=args.device == "cuda"
+            )
+        except ImportError as error:
+            parser.error(
+                f"train-step needs the train extra (pip install 'dinov2-fast[train]'): {error}"
+            )
+        except ValueError as error:
+            parser.error(str(error))
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -250,6 +275,8 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         _write_json(report, args.json)
         if args.json != "-":
             print(f"wrote {args.json}")
+    if args.plot is not None:
+        _plot_train_step(report, args.plot, quiet_stdout=args.json == "-")
     failed = [r for r in report["results"] if r["status"] == "error" or r["check"] == "MISMATCH"]
     for ours in (False, True):
         which = sorted({f"{r['benchmark']}/{r['provider']}" for r in failed if r["ours"] == ours})
@@ -260,22 +287,55 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 1 if any(r["ours"] for r in failed) else 0
 
 
-def _model_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
-    """The model benchmark's options when any was given (else None); bad ones end in
-    ``parser.error``."""
-    from dinov2_fast.benchmark import model
+# The benchmarks that take --arch, --batch, --img-size and --drop-path (model also --source).
+_SIZED = ("model", "train-step")
 
-    try:
-        options = model.Options(
-            arch=args.arch,
-            batch=args.batch,
-            img_size=args.img_size,
-            drop_path=args.drop_path,
-            source=args.source,
+
+def _sized_options(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, names: Sequence[str]
+) -> dict[str, list[Any]]:
+    """The options of the model and train-step benchmarks among ``names``, as their ``shapes``,
+    for those given any; bad ones, or options for benchmarks not run, end in ``parser.error``."""
+    from dinov2_fast.benchmark import model, train_step
+
+    sizes = {
+        "arch": args.arch,
+        "batch": args.batch,
+        "img_size": args.img_size,
+        "drop_path": args.drop_path,
+    }
+    given = any(value is not None for value in sizes.values())
+    if (given or args.source is not None) and not any(name in _SIZED for name in names):
+        parser.error(
+            "--arch, --batch, --img-size, --drop-path and --source configure the model benchmark "
+            "only, and all but --source the train-step one: `dinov2-fast bench model ...` or "
+            "`dinov2-fast bench train-step ...`"
         )
+    if args.source is not None and "model" not in names:
+        parser.error("--source configures the model benchmark only: `dinov2-fast bench model ...`")
+    shapes: dict[str, list[Any]] = {}
+    try:
+        if "model" in names:
+            options = model.Options(**sizes, source=args.source)
+            if options.given():
+                shapes["model"] = [options]
+        if "train-step" in names and given:
+            shapes["train-step"] = [train_step.Options(**sizes)]
     except ValueError as error:
         parser.error(str(error))
-    return options if options.given() else None
+    return shapes
+
+
+def _plot_train_step(report: dict[str, Any], path: str, *, quiet_stdout: bool) -> None:
+    """The train-step bar chart of ``report`` at ``path``; says why when there is none."""
+    from dinov2_fast.benchmark import train_step
+
+    try:
+        written = train_step.plot(report, path)
+    except ValueError as error:
+        print(f"no plot written: {error}", file=sys.stderr)
+        return
+    print(f"wrote {written}", file=sys.stderr if quiet_stdout else sys.stdout)
 
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -367,34 +427,53 @@ def _parser() -> argparse.ArgumentParser:
         "--headline", action="store_true", help="only the numbers the targets are set for"
     )
     report.set_defaults(handler=_cmd_report)
+
+    from dinov2_fast.train.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
 def _add_model_options(bench: argparse.ArgumentParser) -> None:
+    from dinov2_fast.benchmark import train_step
     from dinov2_fast.benchmark.model import ARCHS, CPU, CPU_DEPTH, DEFAULTS, QUICK, SOURCES
 
+    presets = ", ".join(f"{arch} -> {preset}" for arch, preset in train_step.PRESETS.items())
     group = bench.add_argument_group(
-        "model benchmark (bench model)",
-        f"Without a GPU or with --quick a tiny model of {CPU_DEPTH} blocks runs, and unless "
-        f"given a small batch and images (batch {CPU['batch']}, {CPU['img_size']} px; --quick: "
-        f"{QUICK['arch']}, batch {QUICK['batch']}, {QUICK['img_size']} px).",
+        "model and train-step benchmarks (bench model, bench train-step)",
+        f"model: without a GPU or with --quick a tiny model of {CPU_DEPTH} blocks runs, and "
+        f"unless given a small batch and images (batch {CPU['batch']}, {CPU['img_size']} px; "
+        f"--quick: {QUICK['arch']}, batch {QUICK['batch']}, {QUICK['img_size']} px). "
+        f"train-step: --arch picks the trainer's preset ({presets}); without a GPU or with "
+        f"--quick, unless --arch is given, the {train_step.TINY_PRESET} preset's tiny ViT at "
+        f"batch {train_step.SMALL['batch']}.",
     )
     group.add_argument("--arch", choices=list(ARCHS), help=f"the ViT (default: {DEFAULTS['arch']})")
     group.add_argument(
-        "--batch", type=int, metavar="B", help=f"images per step (default: {DEFAULTS['batch']})"
+        "--batch",
+        type=int,
+        metavar="B",
+        help=f"images per step (default: {DEFAULTS['batch']}; train-step: at least 2)",
     )
     group.add_argument(
         "--img-size",
         type=int,
         metavar="PX",
-        help=f"image side, a multiple of the patch size 14 (default: {DEFAULTS['img_size']})",
+        help=f"image side, a multiple of the patch size 14 (default: {DEFAULTS['img_size']}); "
+        "train-step: the global crops' side (the local crops keep the preset's, 98 px)",
     )
     group.add_argument(
         "--drop-path",
         type=float,
         metavar="P",
         help=f"stochastic depth rate of every block (default: {DEFAULTS['drop_path']}, as "
-        "DINOv2's ViT-L/14 config)",
+        "DINOv2's ViT-L/14 config; train-step: the preset's)",
+    )
+    group.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="train-step: also draw images/s and peak memory per provider as a bar chart "
+        f"(.{', .'.join(train_step.PLOT_FORMATS)}; needs matplotlib)",
     )
     group.add_argument(
         "--source",
@@ -407,7 +486,14 @@ def _add_model_options(bench: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # train's key=value overrides may come after its options too
+        if getattr(args, "command", None) == "train" and all(
+            "=" in item and not item.startswith("-") for item in extra
+        ):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

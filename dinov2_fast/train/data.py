@@ -488,5 +488,8 @@ def make_data_loader(
         pin_memory=pin_memory,
         collate_fn=collate_fn,
         drop_last=drop_last,
+        # The loader draws its workers' base seed from this generator, not from torch's global
+        # RNG: making an iterator must not move the stream the training step draws from.
+        generator=torch.Generator().manual_seed(0),
         **kwargs,
     )
