@@ -9,18 +9,23 @@
 #   GPU_CHECK_STEPS="tests block" bash bench/gpu_check.sh
 #                                        only these steps (default: all), in the usual order, of:
 #                                        info tests layernorm attention stochastic-depth block
-#                                        model (build always runs; info includes nvidia-smi)
+#                                        model train-step (build always runs; info includes
+#                                        nvidia-smi)
 #   GPU_CHECK_CUDA=0                     build without the CUDA extension (saves ~40 s when no
 #                                        chosen step needs backend='cuda')
 #   GPU_CHECK_TESTS="tests/test_block.py"   the GPU tests to run (default: all of tests/)
 #
 # Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, bench.log (every benchmark's
-# output), NAME.json per benchmark, summary.txt. Every step has a time limit, and all of them
-# together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes). Each benchmark asks for
-# a share (layernorm 100 s, attention 150 s, stochastic-depth 75 s, block 150 s, model 120 s) and
-# keeps what the later ones ask for while that leaves it a third of what is left; it stops starting
-# measurements in time to write its JSON. A failed step does not stop the later ones; the exit
-# status is 1 when any step failed. Environment: PYTHON (default: python, else python3).
+# output), NAME.json per benchmark, train-step.png, summary.txt. Every step has a time limit, and
+# all of them together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes). Each
+# benchmark asks for a share (layernorm 100 s, attention 150 s, stochastic-depth 75 s, block 150 s,
+# model 120 s, train-step 300 s) and keeps what the later ones ask for while that leaves it a third
+# of what is left; it stops starting measurements in time to write its JSON. train-step times the
+# trainer's whole step at ViT-L/14 and 32 images (--arch vit_large --batch 32) and draws
+# train-step.png; a torch.compile row starts only with 150 s left, so with less time only the
+# eager rows run (GPU_CHECK_STEPS=train-step gives it the whole budget). A failed step does not
+# stop the later ones; the exit status is 1 when any step failed. Environment: PYTHON (default:
+# python, else python3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,8 +46,9 @@ for arg in "$@"; do
 done
 
 # The benchmarks in the order they run, and the seconds each asks for.
-BENCHES=(layernorm attention stochastic-depth block model)
-declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150 [model]=120)
+BENCHES=(layernorm attention stochastic-depth block model train-step)
+declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150 [model]=120
+    [train-step]=300)
 KNOWN_STEPS="build info tests ${BENCHES[*]}"
 STEPS="${GPU_CHECK_STEPS:-$KNOWN_STEPS}"
 for name in $STEPS; do
@@ -76,8 +82,20 @@ done
 # this run makes again (a report that is not written this time must not pass for a new one).
 rm -f "$OUT_DIR/build.log" "$OUT_DIR/gpu-tests.log" "$OUT_DIR/bench.log"
 for name in "${RUN_BENCHES[@]}"; do
-    rm -f "$OUT_DIR/$name.json"
+    rm -f "$OUT_DIR/$name.json" "$OUT_DIR/$name.png"
 done
+
+# bench_args NAME: sets ARGS to the benchmark's own options: train-step draws its chart, and on
+# the GPU runs ViT-L/14 at 32 images a step (the targets' configuration; --dry-run: the tiny one).
+bench_args() {
+    ARGS=()
+    if [[ "$1" == train-step ]]; then
+        ARGS=(--plot "$OUT_DIR/train-step.png")
+        if [[ "$DRY" != 1 ]]; then
+            ARGS+=(--arch vit_large --batch 32)
+        fi
+    fi
+}
 
 # share WANT [RESERVE]: at most WANT seconds of what is left of the budget, keeping RESERVE of it
 # for later steps as long as that leaves this step a third of it.
@@ -142,8 +160,10 @@ if [[ "$DRY" == 1 ]]; then
         step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
     fi
     for name in "${RUN_BENCHES[@]}"; do
+        bench_args "$name"
         step "bench $name --quick (CPU)" 120 "$OUT_DIR/bench.log" \
-            "${CLI[@]}" bench "$name" --quick --device cpu --json "$OUT_DIR/$name.json"
+            "${CLI[@]}" bench "$name" --quick --device cpu --json "$OUT_DIR/$name.json" \
+            ${ARGS[@]+"${ARGS[@]}"}
     done
 else
     if wanted info; then
@@ -169,9 +189,10 @@ else
             later=$((later + BENCH_S[$next]))
         done
         limit=$(share "${BENCH_S[$name]}" "$later")
+        bench_args "$name"
         step "bench $name" "$limit" "$OUT_DIR/bench.log" \
             "${CLI[@]}" bench "$name" --time-limit "$(bench_limit "$limit")" \
-            --json "$OUT_DIR/$name.json"
+            --json "$OUT_DIR/$name.json" ${ARGS[@]+"${ARGS[@]}"}
     done
 fi
 

@@ -62,6 +62,7 @@ REGISTRY: dict[str, str] = {
     "stochastic-depth": "dinov2_fast.benchmark.stochastic_depth",
     "block": "dinov2_fast.benchmark.block",
     "model": "dinov2_fast.benchmark.model",
+    "train-step": "dinov2_fast.benchmark.train_step",
 }
 
 
