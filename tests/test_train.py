@@ -80,8 +80,11 @@ def test_overrides_parse_yaml_values_and_reject_unknown_keys(tmp_path):
 
 
 def test_demo_preset_trains_a_few_steps(tmp_path):
-    summary = train(_config(), output_dir=tmp_path, max_steps=3, progress=False)
+    cfg = _config("evaluation.knn_at_end=true")
+    summary = train(cfg, output_dir=tmp_path, max_steps=3, progress=False)
     assert summary.steps == 3 and math.isfinite(summary.final_loss)
+    assert 0 <= summary.knn_before <= 100 and 0 <= summary.knn_after <= 100
+    assert any("k-NN accuracy" in line for line in summary.lines())
     assert summary.memory_kind == "RSS" and summary.peak_memory_MiB > 0
     records = _metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -149,6 +152,22 @@ def test_cli_train_and_eval_knn(tmp_path, capsys):
     assert "images/s" in printed and "RSS" in printed
     assert main(["eval", "knn", "--checkpoint", str(out), "--k", "5"]) == 0
     assert "k-NN top-1 accuracy (k=5)" in capsys.readouterr().out
+
+
+def test_readme_main_command_runs_the_demo_preset(tmp_path, capsys):
+    """`dinov2-fast train --config demo`, cut to 2 steps: the preset as shipped (its workers, the
+    bundled digits, the k-NN report at the end)."""
+    args = ["train", "--config", "demo", "--output-dir", str(tmp_path), "--max-steps", "2"]
+    assert main([*args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "k-NN accuracy of the teacher" in printed and "before training" in printed
+    assert json.loads((tmp_path / "summary.json").read_text())["impl"] == "fast"
+
+
+def test_cli_impl_option_runs_the_baseline(tmp_path):
+    args = ["train", "--impl", "baseline", "--output-dir", str(tmp_path), "--max-steps", "1"]
+    assert main([*args, "--no-progress", *TINY]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["impl"] == "baseline"
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

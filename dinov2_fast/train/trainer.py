@@ -459,7 +459,7 @@ def _progress(enabled: bool, start: int, end: int):
 def _knn(model, cfg: Config, device: torch.device) -> float:
     """k-NN top-1 accuracy (%) of the teacher backbone's CLS features on the digits' test split
     against its train split, images resized to the global crop size."""
-    from dinov2_fast.train.knn import evaluate_knn_digits
+    from dinov2_fast.train.evaluate import evaluate_knn_digits
 
     return evaluate_knn_digits(
         model.teacher.backbone,
