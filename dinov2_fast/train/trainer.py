@@ -96,9 +96,9 @@ class TrainSummary:
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device): torchrun's environment when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    """(rank, world size, device): torchrun's environment when there is one (a process group
+    even for one process, so that ``torchrun --nproc_per_node=1`` trains sharded too)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -204,9 +204,12 @@ class Training:
     images_per_step: int
 
 
-def build_training(cfg: Config, device: torch.device, world: int = 1) -> Training:
+def build_training(
+    cfg: Config, device: torch.device, world: int = 1, *, sharded: bool | None = None
+) -> Training:
     """The model of ``cfg.compute.impl`` on ``device`` (sharded alike for student and teacher when
-    ``world > 1``), AdamW over DINOv2's parameter groups, the schedules with the lr scaled by
+    ``sharded``, by default when a process group is initialised), AdamW over DINOv2's parameter
+    groups, the schedules with the lr scaled by
     ``optim.scaling_rule``. The initial weights depend only on ``train.seed``."""
     from dinov2_fast.fsdp import shard_model
     from dinov2_fast.train.meta_arch import SSLMetaArch
@@ -225,7 +228,9 @@ def build_training(cfg: Config, device: torch.device, world: int = 1) -> Trainin
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every impl
     model = SSLMetaArch(cfg).to(device)
-    if world > 1:
+    if sharded is None:
+        sharded = dist.is_initialized()
+    if sharded:
         param_dtype = None if dtype == torch.float32 else dtype
         for part in (model.student, model.teacher):
             shard_model(
@@ -245,7 +250,7 @@ def build_training(cfg: Config, device: torch.device, world: int = 1) -> Trainin
                 block.compile()
     autocast = (
         torch.autocast(device.type, dtype=dtype)
-        if world == 1 and dtype != torch.float32
+        if not sharded and dtype != torch.float32
         else nullcontext()
     )
 
