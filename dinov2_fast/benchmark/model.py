@@ -65,12 +65,9 @@ from dinov2_fast.benchmark.block import (
     COMPILE_RESERVE_S,
     OUT_OF_TIME_COMPILE,
     _autocast,
-    _StockAttention,
 )
 from dinov2_fast.nn.block import get_branges_scales
-from dinov2_fast.nn.drop_path import DropPath
-from dinov2_fast.nn.layer_scale import LayerScale
-from dinov2_fast.nn.mlp import Mlp
+from dinov2_fast.train import baseline
 
 __all__ = [
     "ARCHS",
@@ -83,7 +80,6 @@ __all__ = [
     "Models",
     "Options",
     "Provider",
-    "StockDinoAttention",
     "StockDinoBlock",
     "build_stock",
     "make_step",
@@ -215,33 +211,6 @@ def parse_shapes(text: str) -> list[Options]:
 # --- the stock model -----------------------------------------------------------------------------
 
 
-class StockDinoAttention(_StockAttention):
-    """DINOv2's ``Attention`` (its SDPA form) in stock PyTorch: ``qkv``, ``proj``, ``proj_drop``,
-    ``num_heads``, ``scale``. ``attn_drop`` is a float as in DINOv2 since 2025; only 0 is taken."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        proj_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ) -> None:
-        if attn_drop:
-            raise ValueError(f"attn_drop must be 0 in the stock block, got {attn_drop}")
-        super().__init__(dim, num_heads, qkv_bias)
-        if not proj_bias:
-            self.proj = nn.Linear(dim, dim, bias=False)
-        self.dim = dim
-        self.scale = (dim // num_heads) ** -0.5
-        self.attn_drop = attn_drop
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(super().forward(x))
-
-
 def _drop_add_residual_stochastic_depth(
     x: torch.Tensor, residual_func: Callable[[torch.Tensor], torch.Tensor], sample_drop_ratio: float
 ) -> torch.Tensor:
@@ -253,12 +222,7 @@ def _drop_add_residual_stochastic_depth(
     return out.view_as(x)
 
 
-class Block(nn.Module):
-    """Carries DINOv2's block class name, by which ``dinov2_fast.patch`` recognises a block of
-    DINOv2's layout (the order of its children); :class:`StockDinoBlock` is the block."""
-
-
-class StockDinoBlock(Block):
+class StockDinoBlock(baseline.Block):
     """DINOv2's ``Block`` as it runs without xFormers, in stock PyTorch: DINOv2's constructor (the
     call ``DinoVisionTransformer`` makes), children ``norm1, attn, ls1, drop_path1, norm2, mlp,
     ls2, drop_path2``, attribute ``sample_drop_ratio`` and state_dict keys.
@@ -271,39 +235,11 @@ class StockDinoBlock(Block):
     for both); else the plain residuals. Dropout (``drop``, ``attn_drop``) must be 0.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        proj_bias: bool = True,
-        ffn_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        init_values: float | None = None,
-        drop_path: float = 0.0,
-        act_layer: Callable[..., nn.Module] = nn.GELU,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        ffn_layer: Callable[..., nn.Module] = Mlp,
-    ) -> None:
-        super().__init__()
-        if drop:
-            raise ValueError(f"drop must be 0 in the stock block, got {drop}")
-        self.norm1 = norm_layer(dim)
-        self.attn = StockDinoAttention(dim, num_heads, qkv_bias, proj_bias, attn_drop)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = ffn_layer(
-            in_features=dim,
-            hidden_features=int(dim * mlp_ratio),
-            act_layer=act_layer,
-            bias=ffn_bias,
-        )
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.sample_drop_ratio = drop_path
+    def __init__(self, *args, **kwargs) -> None:
+        for name in ("drop", "attn_drop"):
+            if kwargs.get(name):
+                raise ValueError(f"{name} must be 0 in the stock block, got {kwargs[name]}")
+        super().__init__(*args, attn_class=baseline.SdpaAttention, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def attn_residual_func(x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from dinov2_fast.ops.scaled_index_add import scaled_index_add
 
 __all__ = [
     "Block",
+    "BlockLayout",
     "NestedTensorBlock",
     "add_residual",
     "drop_add_residual_stochastic_depth",
@@ -156,29 +157,11 @@ def _layer_scale_gamma(ls: nn.Module) -> torch.Tensor | None:
     return None
 
 
-class Block(nn.Module):
-    """A pre-norm ViT block with DINOv2's constructor, children and state_dict.
-
-    Children: ``norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2``; attribute
-    ``sample_drop_ratio``. Keys: ``norm1.*``, ``attn.qkv.*``, ``attn.proj.*``, ``ls1.gamma``,
-    ``norm2.*``, ``mlp.fc1.*``/``mlp.fc2.*`` (or ``mlp.w12.*``/``mlp.w3.*``), ``ls2.gamma``.
-
-    ``forward(x)`` with ``x: [B, N, C]``:
-        - training, ``sample_drop_ratio > 0.1``: each branch runs on a random subset of
-          ``max(int(B·(1-p)), 1)`` samples, added back scaled by ``B / k`` and gamma in one pass;
-        - training, ``0 < p <= 0.1``: the per-sample mask (``drop_path1``, ``drop_path2``);
-        - otherwise: ``x + γ1·attn(norm1(x))``, then ``+ γ2·mlp(norm2(x))``.
-    ``forward(list_of_tensors)`` with groups ``[B_i, N_i, C]`` (the crops of one resolution each):
-    all groups run as one packed sequence through norm, qkv, attention (block-diagonal mask),
-    projection and MLP; in training with ``p > 0`` each group keeps its own subset and LayerScale
-    is folded into the update. Returns the list.
-
-    Defaults differ from DINOv2's in two places, neither visible in the state_dict:
-    ``norm_layer`` is our fused :class:`LayerNorm`, ``attn_class`` our :class:`MemEffAttention`
-    (so that the packed path works out of the box). Any norm, attention (taking ``attn_bias``
-    for lists) and FFN module of the same call signatures can be passed. Extra keyword:
-    ``backend`` for the stochastic-depth ops.
-    """
+class BlockLayout(nn.Module):
+    """The children of a DINOv2 (and timm) pre-norm block, built with DINOv2's constructor:
+    ``norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2`` and ``sample_drop_ratio``; no
+    forward. :class:`Block` (ours) and the trainer's stock blocks share it, so that they have the
+    same keys and the same initial weights from one seed."""
 
     def __init__(
         self,
@@ -196,8 +179,6 @@ class Block(nn.Module):
         norm_layer: Callable[..., nn.Module] = LayerNorm,
         attn_class: Callable[..., nn.Module] = MemEffAttention,
         ffn_layer: Callable[..., nn.Module] = Mlp,
-        *,
-        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -222,6 +203,37 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.sample_drop_ratio = drop_path
+
+
+class Block(BlockLayout):
+    """A pre-norm ViT block with DINOv2's constructor, children and state_dict.
+
+    Children: ``norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2``; attribute
+    ``sample_drop_ratio``. Keys: ``norm1.*``, ``attn.qkv.*``, ``attn.proj.*``, ``ls1.gamma``,
+    ``norm2.*``, ``mlp.fc1.*``/``mlp.fc2.*`` (or ``mlp.w12.*``/``mlp.w3.*``), ``ls2.gamma``.
+
+    ``forward(x)`` with ``x: [B, N, C]``:
+        - training, ``sample_drop_ratio > 0.1``: each branch runs on a random subset of
+          ``max(int(B·(1-p)), 1)`` samples, added back scaled by ``B / k`` and gamma in one pass;
+        - training, ``0 < p <= 0.1``: the per-sample mask (``drop_path1``, ``drop_path2``);
+        - otherwise: ``x + γ1·attn(norm1(x))``, then ``+ γ2·mlp(norm2(x))``.
+    ``forward(list_of_tensors)`` with groups ``[B_i, N_i, C]`` (the crops of one resolution each):
+    all groups run as one packed sequence through norm, qkv, attention (block-diagonal mask),
+    projection and MLP; in training with ``p > 0`` each group keeps its own subset and LayerScale
+    is folded into the update. Returns the list.
+
+    Constructor: DINOv2's (:class:`BlockLayout`: ``dim, num_heads, mlp_ratio=4.0,
+    qkv_bias=False, proj_bias=True, ffn_bias=True, drop=0.0, attn_drop=0.0, init_values=None,
+    drop_path=0.0, act_layer=nn.GELU, norm_layer, attn_class, ffn_layer=Mlp``). Defaults differ
+    from DINOv2's in two places, neither visible in the state_dict:
+    ``norm_layer`` is our fused :class:`LayerNorm`, ``attn_class`` our :class:`MemEffAttention`
+    (so that the packed path works out of the box). Any norm, attention (taking ``attn_bias``
+    for lists) and FFN module of the same call signatures can be passed. Extra keyword:
+    ``backend`` for the stochastic-depth ops.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.backend = _backend.check_name(backend)
 
     # The residual branches without LayerScale (it is applied by the update).

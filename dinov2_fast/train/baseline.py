@@ -15,9 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dinov2_fast.nn.drop_path import DropPath
-from dinov2_fast.nn.layer_scale import LayerScale
-from dinov2_fast.nn.mlp import Mlp
+from dinov2_fast.nn.block import BlockLayout
 
 __all__ = ["Block", "ExplicitAttention", "SdpaAttention", "StockBlock"]
 
@@ -67,50 +65,20 @@ class SdpaAttention(ExplicitAttention):
         return self.proj_drop(self.proj(out))
 
 
-class Block(nn.Module):
+class Block(BlockLayout):
     """``x + drop_path1(ls1(attn(norm1(x))))``, then ``x + drop_path2(ls2(mlp(norm2(x))))``, with
-    the per-sample mask drop path at every rate; DINOv2's ``block_fn`` signature and keys."""
+    the per-sample mask drop path at every rate; DINOv2's ``block_fn`` signature and keys
+    (:class:`dinov2_fast.nn.block.BlockLayout`), here with ``torch.nn.LayerNorm`` and
+    :class:`ExplicitAttention` by default."""
 
     def __init__(
         self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        proj_bias: bool = True,
-        ffn_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        init_values: float | None = None,
-        drop_path: float = 0.0,
-        act_layer: Callable[..., nn.Module] = nn.GELU,
+        *args,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         attn_class: Callable[..., nn.Module] = ExplicitAttention,
-        ffn_layer: Callable[..., nn.Module] = Mlp,
+        **kwargs,
     ) -> None:
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = attn_class(
-            dim,
-            num_heads=num_heads,
-            qkv_bias=qkv_bias,
-            proj_bias=proj_bias,
-            attn_drop=attn_drop,
-            proj_drop=drop,
-        )
-        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = ffn_layer(
-            in_features=dim,
-            hidden_features=int(dim * mlp_ratio),
-            act_layer=act_layer,
-            drop=drop,
-            bias=ffn_bias,
-        )
-        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.sample_drop_ratio = drop_path
+        super().__init__(*args, norm_layer=norm_layer, attn_class=attn_class, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
