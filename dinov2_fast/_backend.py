@@ -30,6 +30,8 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "index_select_cat": ("triton", "torch"),
     "scaled_index_add": ("triton", "torch"),
     "index_select_layer_norm": ("triton", "torch"),
+    # DINO/iBOT head + loss: the torch reference materialises [R, K] logits (GiBs at K = 131072).
+    "prototype_cross_entropy": ("triton", "torch"),
 }
 
 BUILD_HINT = (
