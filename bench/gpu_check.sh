@@ -9,8 +9,8 @@
 #   GPU_CHECK_STEPS="tests block" bash bench/gpu_check.sh
 #                                        only these steps (default: all), in the usual order, of:
 #                                        info tests layernorm attention stochastic-depth block
-#                                        model train-step (build always runs; info includes
-#                                        nvidia-smi)
+#                                        head-loss model train-step (build always runs; info
+#                                        includes nvidia-smi)
 #   GPU_CHECK_CUDA=0                     build without the CUDA extension (saves ~40 s when no
 #                                        chosen step needs backend='cuda')
 #   GPU_CHECK_TESTS="tests/test_block.py"   the GPU tests to run (default: all of tests/)
@@ -19,8 +19,10 @@
 # output), NAME.json per benchmark, train-step.png, summary.txt. Every step has a time limit, and
 # all of them together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes). Each
 # benchmark asks for a share (layernorm 100 s, attention 150 s, stochastic-depth 75 s, block 150 s,
-# model 120 s, train-step 300 s) and keeps what the later ones ask for while that leaves it a third
-# of what is left; it stops starting measurements in time to write its JSON. train-step times the
+# head-loss 90 s, model 120 s, train-step 300 s) and keeps what the later ones ask for while that
+# leaves it a third of what is left; it stops starting measurements in time to write its JSON.
+# head-loss times the DINO head + loss at 2816 rows, K = 65536 and 131072 (its torch.compile rows
+# start only with 30 s of its limit left). train-step times the
 # trainer's whole step at ViT-L/14 and 32 images (--arch vit_large --batch 32) and draws
 # train-step.png; a torch.compile row starts only with 150 s left, so with less time only the
 # eager rows run (GPU_CHECK_STEPS=train-step gives it the whole budget). A failed step does not
@@ -46,9 +48,9 @@ for arg in "$@"; do
 done
 
 # The benchmarks in the order they run, and the seconds each asks for.
-BENCHES=(layernorm attention stochastic-depth block model train-step)
-declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150 [model]=120
-    [train-step]=300)
+BENCHES=(layernorm attention stochastic-depth block head-loss model train-step)
+declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150
+    [head-loss]=90 [model]=120 [train-step]=300)
 KNOWN_STEPS="build info tests ${BENCHES[*]}"
 STEPS="${GPU_CHECK_STEPS:-$KNOWN_STEPS}"
 for name in $STEPS; do

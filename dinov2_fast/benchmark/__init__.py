@@ -61,6 +61,7 @@ REGISTRY: dict[str, str] = {
     "attention": "dinov2_fast.benchmark.attention",
     "stochastic-depth": "dinov2_fast.benchmark.stochastic_depth",
     "block": "dinov2_fast.benchmark.block",
+    "head-loss": "dinov2_fast.benchmark.head_loss",
     "model": "dinov2_fast.benchmark.model",
     "train-step": "dinov2_fast.benchmark.train_step",
 }
