@@ -552,3 +552,19 @@ def test_fused_groups_and_apply_optim_scheduler():
     out.square().mean().backward()
     optimizer.step()
     torch.testing.assert_close(head.last_layer.weight_v, before)  # frozen by its lr of 0
+
+
+@pytest.mark.parametrize("loss_class", [DINOLoss, iBOTPatchLoss])
+def test_update_center_from_mean_equals_update_center(loss_class):
+    """The fused op returns only the mean of the teacher logits over the rows: the center update
+    from it equals the update from the logits."""
+    logits = [torch.randn(9, 13, dtype=torch.float64) for _ in range(3)]
+    from_logits, from_mean = loss_class(13), loss_class(13)
+    for step in logits:
+        from_logits.update_center(step)
+        from_mean.update_center_from_mean(step.mean(dim=0), len(step))
+    from_logits.apply_center_update()
+    from_mean.apply_center_update()
+    torch.testing.assert_close(from_mean.center, from_logits.center.to(from_mean.center.dtype))
+    with pytest.raises(ValueError, match="13 prototypes"):
+        from_mean.update_center_from_mean(torch.zeros(12), 3)

@@ -116,8 +116,13 @@ class DINOHead(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck features ``[B, bottleneck]``: everything but the last
+        layer (the fused ``ops.prototype_cross_entropy`` takes them with
+        ``last_layer.weight``, so that the ``[B, out_dim]`` logits are never stored)."""
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.features(x))

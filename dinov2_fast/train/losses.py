@@ -198,6 +198,20 @@ class _CenteredLoss(nn.Module):
         self._pending = (statistics, work)
 
     @torch.no_grad()
+    def update_center_from_mean(self, row_mean: torch.Tensor, rows: int) -> None:
+        """:meth:`update_center` for a caller that has the mean of its teacher logits over its
+        ``rows`` rows instead of the logits (``ops.prototype_cross_entropy`` returns that mean and
+        never stores the logits); the same update as ``update_center`` of those logits."""
+        row_mean = _check_logits("row_mean", row_mean, self.width).reshape(-1)
+        self.apply_center_update()
+        statistics = self._statistics_from_mean(row_mean.float(), int(rows))
+        work = _all_reduce(statistics, async_op=True)
+        self._pending = (statistics, work)
+
+    def _statistics_from_mean(self, row_mean: torch.Tensor, rows: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
     def apply_center_update(self) -> None:
         """Apply a pending :meth:`update_center`: ``center = m·center + (1 − m)·mean``, the mean
         over every process's batch. A batch with no rows at all leaves the center as it is."""
@@ -327,6 +341,10 @@ class DINOLoss(_CenteredLoss):
         dtype = _compute_dtype(rows)
         count = torch.full((1,), rows.shape[0], dtype=dtype, device=rows.device)
         return torch.cat([rows.to(dtype).sum(dim=0), count])
+
+    def _statistics_from_mean(self, row_mean: torch.Tensor, rows: int) -> torch.Tensor:
+        count = torch.full((1,), rows, dtype=row_mean.dtype, device=row_mean.device)
+        return torch.cat([row_mean * rows, count])
 
 
 class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's name)
@@ -468,6 +486,12 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's name)
             count = groups.shape[0]
         count_tensor = torch.full((1,), count, dtype=dtype, device=groups.device)
         return torch.cat([total, count_tensor])
+
+    def _statistics_from_mean(self, row_mean: torch.Tensor, rows: int) -> torch.Tensor:
+        # One group (this process's masked tokens), as _batch_statistics takes a [M, K] input.
+        groups = 1 if rows > 0 else 0
+        count = torch.full((1,), groups, dtype=row_mean.dtype, device=row_mean.device)
+        return torch.cat([row_mean * groups, count])
 
 
 class KoLeoLoss(nn.Module):

@@ -209,41 +209,164 @@ class SSLMetaArch(nn.Module):
         self, batch: dict[str, Any], teacher_temp: float
     ) -> dict[str, torch.Tensor]:
         """One step's losses (DINOv2's weighting), back-propagated; returns them detached, with
-        ``total_loss``."""
+        ``total_loss``. ``fast`` computes the DINO and iBOT losses with the fused
+        ``ops.prototype_cross_entropy`` (no rows x prototypes logits); the others as DINOv2."""
         cfg = self.cfg
-        n_local = cfg.crops.local_crops_number
-        dino_probs, ibot_probs = self._teacher_targets(batch, teacher_temp)
-        global_cls, local_cls, masked = self._student_features(batch)
-        local_logits, global_logits, masked_logits = self._student_logits(
-            global_cls, local_cls, masked
-        )
         # DINOv2's normalisation: 2 global terms (each view against the other) + 2 per local crop.
-        n_terms = 2 + max(n_local * 2, 1)
-        losses: dict[str, torch.Tensor] = {}
-        total = global_logits.new_zeros(())
-        if n_local > 0:
-            local = self.dino_loss(list(local_logits.chunk(n_local)), list(dino_probs)) / n_terms
-            losses["dino_local_crops_loss"] = local
-            total = total + cfg.dino.loss_weight * local
-        global_term = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)]) * 2 / n_terms
-        losses["dino_global_crops_loss"] = global_term
-        total = total + cfg.dino.loss_weight * global_term
+        n_terms = 2 + max(cfg.crops.local_crops_number * 2, 1)
+        if self.impl == "fast":
+            teacher = self._teacher_head_features(batch)
+            global_cls, local_cls, masked = self._student_features(batch)
+            losses = self._fused_head_losses(
+                batch, teacher, global_cls, local_cls, masked, teacher_temp, n_terms
+            )
+        else:
+            dino_probs, ibot_probs = self._teacher_targets(batch, teacher_temp)
+            global_cls, local_cls, masked = self._student_features(batch)
+            losses = self._head_losses(
+                batch, dino_probs, ibot_probs, global_cls, local_cls, masked, n_terms
+            )
         if cfg.dino.koleo_loss_weight > 0:
             koleo = sum(self.koleo_loss(view.float()) for view in global_cls.chunk(2))
             losses["koleo_loss"] = cfg.dino.koleo_loss_weight * koleo
-            total = total + losses["koleo_loss"]
-        ibot = self.ibot_patch_loss.forward_masked(
+        total = sum(
+            losses[name] * weight
+            for name, weight in (
+                ("dino_local_crops_loss", cfg.dino.loss_weight),
+                ("dino_global_crops_loss", cfg.dino.loss_weight),
+                ("koleo_loss", 1.0),
+                ("ibot_loss", cfg.ibot.loss_weight),
+            )
+            if name in losses
+        )
+        total.backward()
+        losses["total_loss"] = total
+        return {name: value.detach() for name, value in losses.items()}
+
+    def _head_losses(self, batch, dino_probs, ibot_probs, global_cls, local_cls, masked, n_terms):
+        """The DINO and iBOT losses on materialised logits, as DINOv2 computes them."""
+        n_local = self.cfg.crops.local_crops_number
+        local_logits, global_logits, masked_logits = self._student_logits(
+            global_cls, local_cls, masked
+        )
+        losses: dict[str, torch.Tensor] = {}
+        if n_local > 0:
+            local = self.dino_loss(list(local_logits.chunk(n_local)), list(dino_probs))
+            losses["dino_local_crops_loss"] = local / n_terms
+        global_term = self.dino_loss([global_logits], [dino_probs.flatten(0, 1)])
+        losses["dino_global_crops_loss"] = global_term * 2 / n_terms
+        losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(
             masked_logits,
             ibot_probs,
             student_masks_flat=batch["collated_masks"],
             n_masked_patches=batch["n_masked_patches"],
             masks_weight=batch["masks_weight"],
         )
-        losses["ibot_loss"] = ibot
-        total = total + cfg.ibot.loss_weight * ibot
-        total.backward()
-        losses["total_loss"] = total
-        return {name: value.detach() for name, value in losses.items()}
+        return losses
+
+    # --- the fused path (impl="fast") ------------------------------------------------------------
+
+    def _ibot_head(self, part: nn.ModuleDict) -> nn.Module:
+        return part.ibot_head if self.cfg.ibot.separate_head else part.dino_head
+
+    @torch.no_grad()
+    def _teacher_head_features(self, batch: dict[str, Any]):
+        """The teacher's bottleneck features (normalised, before the prototype layer) of the
+        swapped CLS tokens [2B, F] and of the masked patch tokens [M, F]."""
+        teacher = self.teacher
+        out = teacher.backbone(batch["collated_global_crops"], is_training=True)
+        cls = out["x_norm_clstoken"]
+        cls = torch.cat(cls.chunk(2)[::-1])  # each view's target comes from the other view
+        patches = out["x_norm_patchtokens"].flatten(0, 1)
+        masked = patches.index_select(0, batch["mask_indices_list"])
+        if self.cfg.ibot.separate_head:
+            cls_features = teacher.dino_head.features(cls)
+            masked_features = teacher.ibot_head.features(masked)
+        else:
+            features = teacher.dino_head.features(torch.cat([cls, masked]))
+            cls_features, masked_features = features[: len(cls)], features[len(cls) :]
+        for part in teacher.values():  # sharded: free the gathered weights (no backward)
+            if hasattr(part, "reshard"):
+                part.reshard()
+        return cls_features, masked_features
+
+    def _fused_head_losses(
+        self, batch, teacher, global_cls, local_cls, masked, teacher_temp, n_terms
+    ):
+        """The DINO and iBOT losses through ``ops.prototype_cross_entropy``: each student row
+        against its teacher row, weighted as DINOv2 averages them. The DINO loss pairs every
+        local crop with both teacher views and each global crop with the other view."""
+        from dinov2_fast.ops import prototype_cross_entropy
+
+        cfg = self.cfg
+        n_local = cfg.crops.local_crops_number
+        teacher_cls, teacher_masked = teacher
+        heads = self.student
+        separate = cfg.ibot.separate_head
+        inputs = [local_cls, global_cls] + ([] if separate else [masked])
+        features = heads.dino_head.features(torch.cat(inputs)).split([len(t) for t in inputs])
+        local_features, global_features = features[0], features[1]
+        masked_features = heads.ibot_head.features(masked) if separate else features[2]
+        # The op takes one dtype: under autocast its dtype (the normalisation computes in fp32,
+        # the prototype matmul in bf16 as DINOv2's last layer under autocast), else the features'.
+        device_type = global_features.device.type
+        dtype = global_features.dtype
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+
+        sinkhorn = cfg.train.centering == "sinkhorn_knopp"
+        iterations = 3 if sinkhorn else 0
+
+        def loss(student, student_head, target, target_head, criterion, row_weight):
+            center = None
+            if not sinkhorn:
+                criterion.apply_center_update()
+                center = criterion.center.reshape(-1)
+            return prototype_cross_entropy(
+                student.to(dtype),
+                student_head.last_layer.weight.to(dtype),
+                target.to(dtype),
+                target_head.last_layer.weight.detach().to(dtype),
+                student_temp=criterion.student_temp,
+                teacher_temp=teacher_temp,
+                center=center,
+                sinkhorn_iters=iterations,
+                row_weight=row_weight,
+                backend=cfg.compute.backend,
+            )
+
+        n_images = global_features.shape[0] // 2
+        weight = 1.0 / (n_images * n_terms)  # DINOv2: mean over rows, summed over pairs / n_terms
+        losses: dict[str, torch.Tensor] = {}
+        dino = (heads.dino_head, self.teacher.dino_head, self.dino_loss)
+        if n_local > 0:
+            views = teacher_cls.view(2, n_images, -1)
+            chunks = local_features.chunk(n_local)
+            student_rows = torch.cat([chunk for chunk in chunks for _ in range(2)])
+            teacher_rows = torch.cat([views[v] for _ in chunks for v in range(2)])
+            rows_weight = student_rows.new_full((len(student_rows),), weight, dtype=torch.float32)
+            losses["dino_local_crops_loss"], _ = loss(
+                student_rows, dino[0], teacher_rows, dino[1], dino[2], rows_weight
+            )
+        rows_weight = global_features.new_full((len(global_features),), weight, dtype=torch.float32)
+        losses["dino_global_crops_loss"], dino_mean = loss(
+            global_features, dino[0], teacher_cls, dino[1], dino[2], rows_weight
+        )
+        if not sinkhorn:
+            self.dino_loss.update_center_from_mean(dino_mean, len(teacher_cls))
+
+        masks_weight = batch["masks_weight"].float() / batch["collated_masks"].shape[0]
+        losses["ibot_loss"], ibot_mean = loss(
+            masked_features,
+            self._ibot_head(heads),
+            teacher_masked,
+            self._ibot_head(self.teacher),
+            self.ibot_patch_loss,
+            masks_weight,
+        )
+        if not sinkhorn:
+            self.ibot_patch_loss.update_center_from_mean(ibot_mean, len(teacher_masked))
+        return losses
 
     # --- after the backward ----------------------------------------------------------------------
 
