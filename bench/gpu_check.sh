@@ -9,8 +9,8 @@
 #   GPU_CHECK_STEPS="tests block" bash bench/gpu_check.sh
 #                                        only these steps (default: all), in the usual order, of:
 #                                        info tests layernorm attention stochastic-depth block
-#                                        head-loss model train-step (build always runs; info
-#                                        includes nvidia-smi)
+#                                        head-loss model train-step sharded (build always runs;
+#                                        info includes nvidia-smi)
 #   GPU_CHECK_CUDA=0                     build without the CUDA extension (saves ~40 s when no
 #                                        chosen step needs backend='cuda')
 #   GPU_CHECK_TESTS="tests/test_block.py"   the GPU tests to run (default: all of tests/)
@@ -26,8 +26,10 @@
 # trainer's whole step at ViT-L/14 and 32 images (--arch vit_large --batch 32) and draws
 # train-step.png; a torch.compile row starts only with 150 s left, so with less time only the
 # eager rows run (GPU_CHECK_STEPS=train-step gives it the whole budget). A failed step does not
-# stop the later ones; the exit status is 1 when any step failed. Environment: PYTHON (default:
-# python, else python3).
+# stop the later ones; the exit status is 1 when any step failed. sharded (last, 240 s) trains
+# the vitl14 preset for 3 steps on synthetic data under torchrun with one process, i.e. sharded
+# with FSDP2 on one GPU, and writes sharded/summary.json (peak GPU memory). Environment: PYTHON
+# (default: python, else python3).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -51,7 +53,7 @@ done
 BENCHES=(layernorm attention stochastic-depth block head-loss model train-step)
 declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150
     [head-loss]=90 [model]=120 [train-step]=300)
-KNOWN_STEPS="build info tests ${BENCHES[*]}"
+KNOWN_STEPS="build info tests ${BENCHES[*]} sharded"
 STEPS="${GPU_CHECK_STEPS:-$KNOWN_STEPS}"
 for name in $STEPS; do
     if [[ " $KNOWN_STEPS " != *" $name "* ]]; then
@@ -83,6 +85,7 @@ done
 # Logs are appended to step by step: start them empty, and drop the old reports of the benchmarks
 # this run makes again (a report that is not written this time must not pass for a new one).
 rm -f "$OUT_DIR/build.log" "$OUT_DIR/gpu-tests.log" "$OUT_DIR/bench.log"
+rm -rf "$OUT_DIR/sharded"
 for name in "${RUN_BENCHES[@]}"; do
     rm -f "$OUT_DIR/$name.json" "$OUT_DIR/$name.png"
 done
@@ -167,6 +170,13 @@ if [[ "$DRY" == 1 ]]; then
             "${CLI[@]}" bench "$name" --quick --device cpu --json "$OUT_DIR/$name.json" \
             ${ARGS[@]+"${ARGS[@]}"}
     done
+    if wanted sharded; then
+        step "sharded train (torchrun, 1 process, demo preset, CPU)" 180 "$OUT_DIR/bench.log" \
+            "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+            -m dinov2_fast.cli train --config demo --max-steps 2 --no-progress \
+            --output-dir "$OUT_DIR/sharded" train.num_workers=0 train.checkpoint_every=0 \
+            evaluation.knn_at_end=false
+    fi
 else
     if wanted info; then
         step "nvidia-smi" 30 - nvidia-smi \
@@ -196,6 +206,13 @@ else
             "${CLI[@]}" bench "$name" --time-limit "$(bench_limit "$limit")" \
             --json "$OUT_DIR/$name.json" ${ARGS[@]+"${ARGS[@]}"}
     done
+    if wanted sharded; then
+        step "sharded train (torchrun, 1 process, vitl14, 3 steps)" 240 "$OUT_DIR/bench.log" \
+            "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+            -m dinov2_fast.cli train --config vitl14 --max-steps 3 --no-progress \
+            --output-dir "$OUT_DIR/sharded" train.dataset=synthetic train.num_workers=8 \
+            train.checkpoint_every=0
+    fi
 fi
 
 # The summary, last: the step results, then the numbers the targets are set for.
@@ -223,6 +240,9 @@ PY
             echo "no benchmark report: $OUT_DIR/$name.json is missing"
         fi
     done
+    if wanted sharded && [[ -f "$OUT_DIR/sharded/summary.json" ]]; then
+        echo "sharded train: $(cat "$OUT_DIR/sharded/summary.json" | tr -d '\n' | tr -s ' ')"
+    fi
 } >"$OUT_DIR/summary.txt" 2>&1
 cat "$OUT_DIR/summary.txt"
 

@@ -124,5 +124,11 @@ class DINOHead(nn.Module):
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
         return F.normalize(x, dim=-1, p=2, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(self.features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """``[B, out_dim]`` logits; with ``return_features``, ``(features, last_layer.weight)``
+        instead, for ``ops.prototype_cross_entropy`` (through forward, so that FSDP gathers the
+        weights for it as for any forward)."""
+        features = self.features(x)
+        if return_features:
+            return features, self.last_layer.weight
+        return self.last_layer(features)

@@ -266,13 +266,11 @@ class SSLMetaArch(nn.Module):
 
     # --- the fused path (impl="fast") ------------------------------------------------------------
 
-    def _ibot_head(self, part: nn.ModuleDict) -> nn.Module:
-        return part.ibot_head if self.cfg.ibot.separate_head else part.dino_head
-
     @torch.no_grad()
     def _teacher_head_features(self, batch: dict[str, Any]):
         """The teacher's bottleneck features (normalised, before the prototype layer) of the
-        swapped CLS tokens [2B, F] and of the masked patch tokens [M, F]."""
+        swapped CLS tokens [2B, F] and of the masked patch tokens [M, F], and its heads' prototype
+        weights (computed in the heads' forward, where FSDP has gathered them)."""
         teacher = self.teacher
         out = teacher.backbone(batch["collated_global_crops"], is_training=True)
         cls = out["x_norm_clstoken"]
@@ -280,15 +278,18 @@ class SSLMetaArch(nn.Module):
         patches = out["x_norm_patchtokens"].flatten(0, 1)
         masked = patches.index_select(0, batch["mask_indices_list"])
         if self.cfg.ibot.separate_head:
-            cls_features = teacher.dino_head.features(cls)
-            masked_features = teacher.ibot_head.features(masked)
+            cls_features, dino_weight = teacher.dino_head(cls, return_features=True)
+            masked_features, ibot_weight = teacher.ibot_head(masked, return_features=True)
         else:
-            features = teacher.dino_head.features(torch.cat([cls, masked]))
+            features, dino_weight = teacher.dino_head(
+                torch.cat([cls, masked]), return_features=True
+            )
             cls_features, masked_features = features[: len(cls)], features[len(cls) :]
+            ibot_weight = dino_weight
         for part in teacher.values():  # sharded: free the gathered weights (no backward)
             if hasattr(part, "reshard"):
                 part.reshard()
-        return cls_features, masked_features
+        return cls_features, masked_features, dino_weight, ibot_weight
 
     def _fused_head_losses(
         self, batch, teacher, global_cls, local_cls, masked, teacher_temp, n_terms
@@ -300,13 +301,18 @@ class SSLMetaArch(nn.Module):
 
         cfg = self.cfg
         n_local = cfg.crops.local_crops_number
-        teacher_cls, teacher_masked = teacher
+        teacher_cls, teacher_masked, teacher_dino_weight, teacher_ibot_weight = teacher
         heads = self.student
         separate = cfg.ibot.separate_head
         inputs = [local_cls, global_cls] + ([] if separate else [masked])
-        features = heads.dino_head.features(torch.cat(inputs)).split([len(t) for t in inputs])
+        features, dino_weight = heads.dino_head(torch.cat(inputs), return_features=True)
+        features = features.split([len(t) for t in inputs])
         local_features, global_features = features[0], features[1]
-        masked_features = heads.ibot_head.features(masked) if separate else features[2]
+        ibot_weight = dino_weight
+        if separate:
+            masked_features, ibot_weight = heads.ibot_head(masked, return_features=True)
+        else:
+            masked_features = features[2]
         # The op takes one dtype: under autocast its dtype (the normalisation computes in fp32,
         # the prototype matmul in bf16 as DINOv2's last layer under autocast), else the features'.
         device_type = global_features.device.type
@@ -317,16 +323,16 @@ class SSLMetaArch(nn.Module):
         sinkhorn = cfg.train.centering == "sinkhorn_knopp"
         iterations = 3 if sinkhorn else 0
 
-        def loss(student, student_head, target, target_head, criterion, row_weight):
+        def loss(student, student_weight, target, target_weight, criterion, row_weight):
             center = None
             if not sinkhorn:
                 criterion.apply_center_update()
                 center = criterion.center.reshape(-1)
             return prototype_cross_entropy(
                 student.to(dtype),
-                student_head.last_layer.weight.to(dtype),
+                student_weight.to(dtype),
                 target.to(dtype),
-                target_head.last_layer.weight.detach().to(dtype),
+                target_weight.detach().to(dtype),
                 student_temp=criterion.student_temp,
                 teacher_temp=teacher_temp,
                 center=center,
@@ -338,7 +344,7 @@ class SSLMetaArch(nn.Module):
         n_images = global_features.shape[0] // 2
         weight = 1.0 / (n_images * n_terms)  # DINOv2: mean over rows, summed over pairs / n_terms
         losses: dict[str, torch.Tensor] = {}
-        dino = (heads.dino_head, self.teacher.dino_head, self.dino_loss)
+        dino = (dino_weight, teacher_dino_weight, self.dino_loss)
         if n_local > 0:
             views = teacher_cls.view(2, n_images, -1)
             chunks = local_features.chunk(n_local)
@@ -358,9 +364,9 @@ class SSLMetaArch(nn.Module):
         masks_weight = batch["masks_weight"].float() / batch["collated_masks"].shape[0]
         losses["ibot_loss"], ibot_mean = loss(
             masked_features,
-            self._ibot_head(heads),
+            ibot_weight,
             teacher_masked,
-            self._ibot_head(self.teacher),
+            teacher_ibot_weight,
             self.ibot_patch_loss,
             masks_weight,
         )

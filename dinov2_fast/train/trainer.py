@@ -397,7 +397,8 @@ def train(
                 lr=f"{values.lr:.2e}",
                 img_s=f"{images_per_step / times[-1]:.1f}",
             )
-        if done % cfg.train.checkpoint_every == 0 or done == end_step:
+        every = cfg.train.checkpoint_every  # 0: no checkpoints (benchmark runs)
+        if every > 0 and (done % every == 0 or done == end_step):
             _save(save_checkpoint, checkpoint_dir, done, model, optimizer, cfg)
     if bar is not None:
         bar.close()
