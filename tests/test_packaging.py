@@ -66,6 +66,13 @@ def test_pure_python_wheel_maps_kernels_into_the_package(tmp_path):
         "dinov2_fast/ops/layer_norm.py",
         "dinov2_fast/nn/layer_norm.py",
         "dinov2_fast/cli.py",
+        "dinov2_fast/patch.py",
+        "dinov2_fast/models/vision_transformer.py",
+        "dinov2_fast/fsdp/sharding.py",
+        "dinov2_fast/train/trainer.py",
+        # The presets ship as package data: `pip install .` then `dinov2-fast train --config demo`.
+        *(f"dinov2_fast/train/configs/{name}.yaml" for name in ("default", "demo", "vitl14")),
+        "dinov2_fast/kernels/prototype_cross_entropy.py",
     ):
         assert expected in names, expected
     assert not any(name.endswith(".so") for name in names), "DINOV2_FAST_CUDA=0 built an extension"
