@@ -115,12 +115,9 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return 1
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as error:
         return _error("train", error.args[0] if error.args else error)
-    if summary is not None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            for line in summary.lines():
-                print(line)
+    if summary.rank == 0:
+        for line in summary.lines():
+            print(line)
     return 0
 
 

@@ -73,6 +73,7 @@ class TrainSummary:
     knn_before: float | None = None
     knn_after: float | None = None
     unreadable_files: int = 0
+    rank: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -323,9 +324,20 @@ def train(
         NonFiniteLossError: the loss became NaN or infinite.
         ValueError: a bad configuration value (named).
     """
+    created = not dist.is_initialized()
+    rank, world, device = _setup_distributed()
+    created = created and dist.is_initialized()
+    try:
+        return _train(cfg, output_dir, data, resume, max_steps, progress, rank, world, device)
+    finally:
+        if created:  # ours to close: pending collectives end before the process does
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train(cfg, output_dir, data, resume, max_steps, progress, rank, world, device) -> TrainSummary:
     from dinov2_fast.fsdp import latest_checkpoint, load_checkpoint, save_checkpoint
 
-    rank, world, device = _setup_distributed()
     output_dir = Path(output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     dataset = _dataset(cfg, data)  # first: a bad --data fails before any model is built
@@ -422,7 +434,10 @@ def train(
         knn_before=knn_before,
         knn_after=knn_after,
         unreadable_files=len(unreadable),
+        rank=rank,
     )
+    for criterion in (model.dino_loss, model.ibot_patch_loss):
+        criterion.apply_center_update()  # no reduction left in flight
     if rank == 0:
         (output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
