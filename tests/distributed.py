@@ -7,6 +7,7 @@ with :func:`torchrun` and reads the results back.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -48,8 +49,20 @@ def init_worker() -> tuple[int, int]:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+    atexit.register(_close_process_group)
     torch.manual_seed(0)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _close_process_group() -> None:
+    """At exit: every rank done (nothing in flight), then the group closed. Left to the
+    interpreter's teardown, gloo's threads can abort a rank ("terminate called without an active
+    exception") after the work succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def save_result(path: str | Path, result: Any, *, all_ranks: bool = False) -> None:
