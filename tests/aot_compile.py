@@ -3,7 +3,8 @@
 Run as a script (TRITON_INTERPRET must be unset, so the kernels are real JIT functions):
     python tests/aot_compile.py MODULE ARCH     e.g. layer_norm 90
 Prints one JSON line per configuration: kernel name, constexprs, num_warps (and num_stages when
-given), shared memory bytes, and which tensor-core instructions the PTX uses.
+given), shared memory bytes, and which tensor-core instructions the PTX uses. The tests run it
+with :func:`run_in_subprocesses`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,38 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+H100_SHARED_MEMORY = 232448  # bytes of shared memory a block may use on an H100
+
+
+def run_in_subprocesses(
+    module_name: str, archs=(90, 80), timeout: float = 900
+) -> dict[int, tuple[str, str, int]]:
+    """This script for ``module_name`` and each arch, in concurrent subprocesses with
+    TRITON_INTERPRET unset: ``{arch: (stdout, stderr, returncode)}``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, str(Path(__file__)), module_name, str(arch)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for arch in archs
+    }
+    try:
+        return {
+            arch: (*proc.communicate(timeout=timeout), proc.returncode)
+            for arch, proc in procs.items()
+        }
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
 
 
 def compile_all(module_name: str, arch: int) -> list[dict]:

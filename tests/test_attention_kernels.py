@@ -9,13 +9,10 @@ so shapes stay small: odd lengths around one or two blocks, few heads.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from aot_compile import H100_SHARED_MEMORY, run_in_subprocesses
 from reference import assert_close_to_reference
 
 from dinov2_fast import _backend
@@ -26,7 +23,6 @@ if _backend.unavailable_reason("triton", torch.device(DEVICE)):
 
 from dinov2_fast.kernels import attention  # noqa: E402  (after the skip: needs triton)
 
-REPO = Path(__file__).resolve().parents[1]
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -255,32 +251,10 @@ def test_aot_configurations_cover_every_tile_the_launchers_pick():
                         assert key in configured, key
 
 
-H100_SHARED_MEMORY = 232448
-
-
 @pytest.fixture(scope="module")
 def aot_compiles():
     """Compile for sm_90 and sm_80 in two concurrent subprocesses (TRITON_INTERPRET unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = str(REPO / "tests" / "aot_compile.py")
-    procs = {
-        arch: subprocess.Popen(
-            [sys.executable, script, "attention", str(arch)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for arch in (90, 80)
-    }
-    try:
-        return {
-            arch: (*proc.communicate(timeout=900), proc.returncode) for arch, proc in procs.items()
-        }
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    return run_in_subprocesses("attention", timeout=900)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from aot_compile import H100_SHARED_MEMORY, run_in_subprocesses
 from reference import assert_close_to_reference
 
 import dinov2_fast
@@ -374,22 +375,13 @@ def test_module_rejects_unknown_backend():
 
 # --- ahead-of-time compile of every Triton configuration -------------------------------------------
 
-H100_SHARED_MEMORY = 232448
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_triton_configuration_compiles_for(arch):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "aot_compile.py"), "layer_norm", str(arch)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    out, err, returncode = run_in_subprocesses("layer_norm", (arch,))[arch]
+    assert returncode == 0, err[-4000:]
+    rows = [json.loads(line) for line in out.splitlines()]
     kernels = {row["kernel"] for row in rows}
     assert kernels == {"_layer_norm_fwd", "_layer_norm_bwd_dx", "_layer_norm_bwd_dwdb"}
     widths = {row["constexprs"]["BLOCK_D"] for row in rows if row["kernel"] == "_layer_norm_fwd"}

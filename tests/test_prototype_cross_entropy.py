@@ -15,14 +15,11 @@ import importlib
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from aot_compile import H100_SHARED_MEMORY, run_in_subprocesses
 from distributed import load_result, torchrun
 from prototype_cross_entropy_worker import (
     BACKENDS,
@@ -42,7 +39,6 @@ from dinov2_fast.train.losses import DINOLoss, iBOTPatchLoss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = not _backend.unavailable_reason("triton", torch.device(DEVICE))
 BACKEND_NAMES = ["torch", "triton"] if HAS_TRITON else ["torch"]
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
@@ -547,7 +543,6 @@ def test_triton_path_allocates_nothing_of_size_rows_by_prototypes(iters):
 
 # --- ahead-of-time compile of every Triton configuration -------------------------------------------
 
-H100_SHARED_MEMORY = 232448
 A100_SHARED_MEMORY = 166912
 
 
@@ -581,26 +576,7 @@ def test_aot_configurations_cover_every_tile_the_launchers_pick():
 @pytest.fixture(scope="module")
 def aot_compiles():
     """Compile for sm_90 and sm_80 in two concurrent subprocesses (TRITON_INTERPRET unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = str(REPO / "tests" / "aot_compile.py")
-    procs = {
-        arch: subprocess.Popen(
-            [sys.executable, script, "prototype_cross_entropy", str(arch)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for arch in (90, 80)
-    }
-    try:
-        return {
-            arch: (*proc.communicate(timeout=1200), proc.returncode) for arch, proc in procs.items()
-        }
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    return run_in_subprocesses("prototype_cross_entropy", timeout=1200)
 
 
 @needs_triton

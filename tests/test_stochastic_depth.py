@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from aot_compile import H100_SHARED_MEMORY, run_in_subprocesses
 from reference import assert_close_to_reference
 
 from dinov2_fast import _backend
@@ -19,7 +16,6 @@ from dinov2_fast.ops import index_select_cat, index_select_layer_norm, scaled_in
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _backends():
@@ -363,23 +359,14 @@ def test_compiles_without_graph_breaks(backend):
 
 # --- kernels compiled ahead of time for a GPU ----------------------------------------------------
 
-SHARED_MEMORY_LIMIT = 232448  # bytes per block on an H100
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["index_select_cat", "scaled_index_add"])
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernels_compile_for_gpus(module, arch):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "aot_compile.py"), module, str(arch)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    out, err, returncode = run_in_subprocesses(module, (arch,))[arch]
+    assert returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in out.splitlines()]
     assert rows, "no configurations compiled"
-    assert max(row["shared"] for row in rows) <= SHARED_MEMORY_LIMIT
+    assert max(row["shared"] for row in rows) <= H100_SHARED_MEMORY
