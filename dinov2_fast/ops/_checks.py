@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -95,6 +96,16 @@ def samples_shape(tensor: torch.Tensor) -> tuple[int, int, int]:
 def as_samples(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` reshaped to :func:`samples_shape`: a view where the strides allow."""
     return tensor.reshape(samples_shape(tensor))
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """A finite real number > 0 (a temperature, a scale); any real type, bool excluded."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
 
 
 def check_finite_float(name: str, value: object) -> float:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 
 import torch
@@ -51,6 +50,7 @@ from dinov2_fast import _backend
 from dinov2_fast.ops._checks import (
     autocast_dtype,
     check_float_dtype,
+    check_positive_float,
     check_same_device,
     check_tensor,
     with_unit_last_stride,
@@ -138,8 +138,8 @@ def prototype_cross_entropy(
     xs, ws, xt, wt = _check_matrices(student_feats, student_weight, teacher_feats, teacher_weight)
     rows, width = xs.shape
     prototypes = ws.shape[0]
-    student_temp = _check_temperature("student_temp", student_temp)
-    teacher_temp = _check_temperature("teacher_temp", teacher_temp)
+    student_temp = check_positive_float("student_temp", student_temp)
+    teacher_temp = check_positive_float("teacher_temp", teacher_temp)
     if isinstance(sinkhorn_iters, bool) or not isinstance(sinkhorn_iters, int):
         raise TypeError(f"sinkhorn_iters must be an int, got {type(sinkhorn_iters).__name__}")
     if sinkhorn_iters < 0:
@@ -229,15 +229,6 @@ def _check_vector(
     if tuple(vector.shape) != (size,):
         raise ValueError(f"{name} must have shape [{size}] ({what}), got {list(vector.shape)}")
     return vector.detach().to(torch.float32).contiguous()
-
-
-def _check_temperature(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
 
 
 # --- the custom ops ------------------------------------------------------------------------------

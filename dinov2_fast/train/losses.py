@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2_fast.ops._checks import check_positive_float
+
 __all__ = ["DINOLoss", "KoLeoLoss", "iBOTPatchLoss"]
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -70,15 +72,6 @@ def _check_logits(name: str, value: object, width: int | None = None) -> torch.T
             f"{name} must have K = {width} prototypes in its last dimension, "
             f"got shape {list(value.shape)}"
         )
-    return value
-
-
-def _check_temperature(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 
 
@@ -171,7 +164,7 @@ class _CenteredLoss(nn.Module):
 
     def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float):
         super().__init__()
-        self.student_temp = _check_temperature("student_temp", student_temp)
+        self.student_temp = check_positive_float("student_temp", student_temp)
         self.center_momentum = _check_momentum(center_momentum)
         self.register_buffer("center", torch.zeros(center_shape))
         # (the batch statistics [K + 1]: sum of the means and their count, the all-reduce's handle)
@@ -230,7 +223,7 @@ class _CenteredLoss(nn.Module):
 
     def _centered_softmax(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         teacher_logits = _check_logits("teacher_logits", teacher_logits, self.width)
-        teacher_temp = _check_temperature("teacher_temp", teacher_temp)
+        teacher_temp = check_positive_float("teacher_temp", teacher_temp)
         self.apply_center_update()
         dtype = _compute_dtype(teacher_logits)
         center = self.center.to(device=teacher_logits.device, dtype=dtype).reshape(-1)
@@ -296,7 +289,7 @@ class DINOLoss(_CenteredLoss):
         B = rows on this process × world size (DINOv2's: every process must hold as many rows).
         Collectives: 2 + n_iterations all-reduces (the first a 1-element MAX)."""
         teacher_logits = _check_logits("teacher_logits", teacher_logits, self.width)
-        teacher_temp = _check_temperature("teacher_temp", teacher_temp)
+        teacher_temp = check_positive_float("teacher_temp", teacher_temp)
         n_iterations = _check_iterations(n_iterations)
         rows = teacher_logits.reshape(-1, self.width)
         with _no_autocast(teacher_logits.device):
@@ -389,7 +382,7 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's name)
         ``n_masked_patches_tensor`` (this process's count, an int or a 1-element tensor) summed
         over all processes; unlike DINOv2 the caller's tensor is not modified."""
         teacher_logits = _check_logits("teacher_logits", teacher_logits, self.width)
-        teacher_temp = _check_temperature("teacher_temp", teacher_temp)
+        teacher_temp = check_positive_float("teacher_temp", teacher_temp)
         n_iterations = _check_iterations(n_iterations)
         if isinstance(n_masked_patches_tensor, torch.Tensor):
             if n_masked_patches_tensor.numel() != 1:
