@@ -39,7 +39,15 @@ from dinov2_fast.nn.block import Block
 from dinov2_fast.nn.layer_norm import LayerNorm
 from dinov2_fast.ops.attention import HEAD_DIMS
 
-__all__ = ["PatchEntry", "PatchReport", "is_vit_block", "patch", "unpatch", "vit_blocks"]
+__all__ = [
+    "PatchEntry",
+    "PatchReport",
+    "is_vit_block",
+    "patch",
+    "subclass_keeping_name",
+    "unpatch",
+    "vit_blocks",
+]
 
 KINDS = ("layer_norm", "attention", "block")
 
@@ -160,24 +168,26 @@ _MIXINS: dict[str, type[nn.Module]] = {
     "attention": _PatchedAttention,
     "block": _PatchedBlock,
 }
-_patched_classes: dict[tuple[type, type], type] = {}
+_subclasses: dict[tuple[type, type], type] = {}
 
 
-def _patched_class(original: type, mixin: type) -> type:
-    """``class <original name>(mixin, original)``, made once per pair. It keeps the original's
-    name, module and qualname, so reprs read the same and pickles store the original class."""
+def subclass_keeping_name(original: type, mixin: type, marker: str = _ORIGINAL) -> type:
+    """``class <original name>(mixin, original)`` with ``marker`` naming ``original``, made once
+    per pair. It keeps the original's name, module and qualname, so reprs read the same and
+    pickles store the original class. Patching uses it, and so does FSDP's activation
+    checkpointing (a swap of a module's class that leaves its state_dict alone)."""
     key = (original, mixin)
-    if key not in _patched_classes:
-        _patched_classes[key] = type(
+    if key not in _subclasses:
+        _subclasses[key] = type(
             original.__name__,
             (mixin, original),
             {
-                _ORIGINAL: original,
+                marker: original,
                 "__module__": original.__module__,
                 "__qualname__": original.__qualname__,
             },
         )
-    return _patched_classes[key]
+    return _subclasses[key]
 
 
 # --- recognising modules --------------------------------------------------------------------------
@@ -327,7 +337,7 @@ def _swap(module: nn.Module, kind: str, attributes: dict[str, object]) -> str | 
         if name in module.__dict__ and module.__dict__[name] != value:
             return f"it already has an attribute {name!r} of its own"
     added = [name for name in attributes if name not in module.__dict__]
-    module.__class__ = _patched_class(type(module), _MIXINS[kind])
+    module.__class__ = subclass_keeping_name(type(module), _MIXINS[kind])
     for name, value in attributes.items():
         setattr(module, name, value)
     setattr(module, _ADDED, tuple(added))

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dinov2_fast.models.dino_head import DINOHead
 from dinov2_fast.nn.block import Block
-from dinov2_fast.patch import vit_blocks
+from dinov2_fast.patch import subclass_keeping_name, vit_blocks
 
 __all__ = [
     "RECOGNISED_BLOCKS",
@@ -59,7 +59,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # A checkpointed class's attribute naming the class it wraps.
 _CHECKPOINTED = "_dinov2_fast_checkpointed"
-_checkpointed_classes: dict[type, type] = {}
 
 
 # --- activation checkpointing without new state_dict keys ------------------------------------------
@@ -76,27 +75,11 @@ class _CheckpointedForward(nn.Module):
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
-def _checkpointed_class(original: type) -> type:
-    """``class <original name>(_CheckpointedForward, original)``, made once per class (same
-    name, module and qualname, as :mod:`dinov2_fast.patch` does)."""
-    if original not in _checkpointed_classes:
-        _checkpointed_classes[original] = type(
-            original.__name__,
-            (_CheckpointedForward, original),
-            {
-                _CHECKPOINTED: original,
-                "__module__": original.__module__,
-                "__qualname__": original.__qualname__,
-            },
-        )
-    return _checkpointed_classes[original]
-
-
 def _checkpoint_block(block: nn.Module) -> None:
     """Swap ``block``'s class for its checkpointed subclass in place (idempotent): parameters,
     hooks, ``isinstance`` and the state_dict keys stay as they are."""
     if not isinstance(block, _CheckpointedForward):
-        block.__class__ = _checkpointed_class(type(block))
+        block.__class__ = subclass_keeping_name(type(block), _CheckpointedForward, _CHECKPOINTED)
 
 
 def checkpoint_blocks(model: nn.Module) -> nn.Module:
