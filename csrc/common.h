@@ -39,13 +39,37 @@ inline const char* dtype_name(DType dtype) {
 // Reports a bad launch configuration (or an earlier sticky error) right after a <<<...>>> launch.
 inline cudaError_t check_launch() { return cudaGetLastError(); }
 
+#if defined(__CUDACC__) && !defined(DINOV2_FAST_EMULATE)
+// Launches kernel<<<grid, block, smem_bytes, stream>>>(args...) and returns the launch's status.
+// Every launch in csrc/ goes through here, so the CPU emulator of the tests can run the same code.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t stream, Args&&... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(static_cast<Params>(args)...);
+  return cudaGetLastError();
+}
+
+// Opts a kernel into more than 48 KiB of dynamic shared memory (needed before such a launch).
+template <typename... Params>
+cudaError_t set_max_dynamic_shared_memory(void (*kernel)(Params...), size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+#endif
+
 inline bool is_aligned(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
 
 }  // namespace dinov2_fast
 
-#if defined(__CUDACC__)
+#if defined(DINOV2_FAST_EMULATE)
+// The tests' CPU emulator (tests/cuda_emulator/): it defines the CUDA built-ins, launch_kernel,
+// set_max_dynamic_shared_memory and DINOV2_FAST_DYNAMIC_SHARED for host compilers.
+#include "emulate.h"
+#endif
+
+#if defined(__CUDACC__) || defined(DINOV2_FAST_EMULATE)
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -69,6 +93,13 @@ inline bool is_aligned(const void* ptr, int64_t bytes) {
     default:                                      \
       return cudaErrorInvalidValue;               \
   }
+
+#if !defined(DINOV2_FAST_EMULATE)
+// Declares `char* name`, the block's dynamic shared memory (128-byte aligned).
+#define DINOV2_FAST_DYNAMIC_SHARED(name)                  \
+  extern __shared__ __align__(128) char name##_storage[]; \
+  char* name = name##_storage
+#endif
 
 namespace dinov2_fast {
 
@@ -202,4 +233,4 @@ __device__ __forceinline__ T group_reduce_sum(T v, int warps_per_group, T* smem)
 
 }  // namespace dinov2_fast
 
-#endif  // defined(__CUDACC__)
+#endif  // defined(__CUDACC__) || defined(DINOV2_FAST_EMULATE)

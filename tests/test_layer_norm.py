@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cuda_emulator
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,13 +25,26 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROWS = [1, 3, 37, 257]
 DIMS = [1, 7, 384, 1000, 1024, 1536, 4096]
 REPO = Path(__file__).resolve().parents[1]
+# Without a GPU, backend="cuda" runs csrc/'s kernels in the CPU emulator (tests/cuda_emulator).
+EMULATED_CUDA = DEVICE == "cpu" and cuda_emulator.enabled()
 
 
 def _cpu_backends():
     backends = ["torch"]
     if not _backend.unavailable_reason("triton", torch.device(DEVICE)):
         backends.append("triton")
+    if EMULATED_CUDA:
+        backends.append("cuda")
     return backends
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_on_cpu(request):
+    """Installs the emulated CUDA extension for the tests that may use backend="cuda": those
+    parametrized with it and those that loop over _cpu_backends()."""
+    callspec = getattr(request.node, "callspec", None)
+    if EMULATED_CUDA and (callspec is None or callspec.params.get("backend", "cuda") == "cuda"):
+        request.getfixturevalue("emulated_cuda")
 
 
 def _gpu_backends():
@@ -242,7 +256,10 @@ def test_cuda_backend_without_extension_says_how_to_build():
     module, _ = _backend._import_extension()
     if module is not None and torch.cuda.is_available():
         pytest.skip("the extension is built and a GPU is present")
-    with pytest.raises(RuntimeError, match="pip install|CUDA tensors"):
+    with (
+        _backend.emulate_cuda_extension(None),
+        pytest.raises(RuntimeError, match="pip install|CUDA tensors"),
+    ):
         layer_norm(torch.randn(2, 3), backend="cuda")
 
 
