@@ -8,9 +8,20 @@
 // path (kVec = 16 bytes / sizeof(x element), needing aligned pointers and strides) and the
 // scalar path (kVec = 1); kVec * kIters == kElemsPerThread in both, so the row layout, and with
 // it the backward partial-row count, depends on dim only.
+//
+// The forward kernel also serves index_select_layer_norm_fwd (index_select_layer_norm.cu) through
+// launch_layer_norm_fwd (layer_norm_rows.h): kGather = true takes each row's address through the
+// index and writes the gathered row (x_out) from the first pass's loads, with its own parameter
+// struct. kGather = false is the plain LayerNorm as measured on an H100, unchanged by the merge:
+// the same row layout, vector/scalar paths, launch shapes, launch bounds and parameter struct,
+// and the same sm_90a SASS (no index reads, no x_out branch).
 #include "layer_norm.h"
 
 #include <algorithm>
+#include <type_traits>
+
+#include "indexed_rows.h"
+#include "layer_norm_rows.h"
 
 namespace dinov2_fast {
 namespace {
@@ -28,8 +39,6 @@ constexpr int kBwdMinBlockThreads = 256;
 constexpr int kBwdThreadsPerSm = 1024;
 // Dynamic shared memory above this needs an opt-in per kernel.
 constexpr size_t kDefaultMaxSmemBytes = 48 * 1024;
-// Used when the SM count cannot be queried (an H100 SXM has 132).
-constexpr int kDefaultSmCount = 132;
 // The dweight/dbias reduction: a block sums kReduceCols columns over the P partial rows with
 // kReduceSlices threads per column, each taking every kReduceSlices-th partial row.
 constexpr int kReduceCols = 32;
@@ -48,8 +57,6 @@ RowLayout row_layout(int64_t dim, int min_block_threads) {
   return {threads_per_row, block_threads / threads_per_row, block_threads};
 }
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The backward kernel's dweight/dbias sums: 2 * 16 floats per thread, 32 KiB for 256 threads,
 // 128 KiB for 1024 (within the 163 KiB of an A100 and 227 KiB of an H100).
 size_t bwd_smem_bytes(const RowLayout& layout) {
@@ -64,7 +71,7 @@ struct FwdParams {
   float* mean;          // null: not written
   float* rstd;          // null: not written
   int64_t rows;
-  int64_t x_row_stride;
+  int64_t x_row_stride;  // with a gather: between the tokens of a sample
   int64_t y_row_stride;
   int dim;
   float eps;
@@ -103,14 +110,22 @@ __device__ __forceinline__ void load_param(const float* param, int col, float fi
   }
 }
 
+// The gathered kernel's parameters. The plain kernel takes FwdParams alone: a larger parameter
+// struct by itself changes its code (and register count, 84 to 71 on some instantiations).
+struct GatheredFwdParams : FwdParams, LayerNormGather {};
+
+template <bool kGather>
+using FwdKernelParams = std::conditional_t<kGather, GatheredFwdParams, FwdParams>;
+
 // One row per row group, one row group per block tile. Two-pass statistics (mean, then the mean
 // of squared deviations) rather than E[x^2] - E[x]^2, which cancels. The row slice stays in
 // registers between the passes, except for long rows on the scalar path: 16 scalar loads with
 // their addresses do not fit in the 64 registers of a 1024-thread block, so that case re-reads
-// x (from L1/L2) in each pass.
-template <typename TIn, typename TOut, int kVec, int kIters, bool kLargeRows>
+// x (from L1/L2) in each pass. kGather: the rows of index_select_layer_norm_fwd, row j * N + n
+// being token n of sample index[j], also copied to x_out as read.
+template <typename TIn, typename TOut, int kVec, int kIters, bool kLargeRows, bool kGather>
 __global__ void __launch_bounds__(kLargeRows ? kMaxThreadsPerBlock : kFwdSmallRowsBlockThreads)
-    layer_norm_fwd_kernel(FwdParams p) {
+    layer_norm_fwd_kernel(FwdKernelParams<kGather> p) {
   constexpr bool kRowInRegisters = !(kLargeRows && kVec == 1);
   constexpr int kUnroll = kRowInRegisters ? kIters : 4;
   __shared__ float reduce_smem[kMaxWarpsPerBlock];
@@ -121,7 +136,18 @@ __global__ void __launch_bounds__(kLargeRows ? kMaxThreadsPerBlock : kFwdSmallRo
   const int warps_per_row = p.threads_per_row / kWarpSize;
   const float inv_dim = 1.f / static_cast<float>(p.dim);
 
-  const TIn* x = static_cast<const TIn*>(p.x) + (row_valid ? row * p.x_row_stride : 0);
+  const TIn* x = static_cast<const TIn*>(p.x);
+  TIn* x_out = nullptr;
+  if constexpr (kGather) {
+    if (row_valid) {
+      const int64_t j = row / p.tokens;
+      const int64_t n = row - j * p.tokens;
+      x += p.index[j] * p.x_sample_stride + n * p.x_row_stride;
+      if (p.x_out != nullptr) x_out = static_cast<TIn*>(p.x_out) + row * p.x_out_row_stride;
+    }
+  } else {
+    x += row_valid ? row * p.x_row_stride : 0;
+  }
   float row_slice[kRowInRegisters ? kIters : 1][kVec];
   // Chunk i of this thread's slice of the row, after the first pass.
   auto chunk = [&](int i, int col, float (&out)[kVec]) {
@@ -139,7 +165,16 @@ __global__ void __launch_bounds__(kLargeRows ? kMaxThreadsPerBlock : kFwdSmallRo
     const int col = (i * p.threads_per_row + lane) * kVec;
     if (row_valid && col < p.dim) {
       float v[kVec];
-      load_as_float(x + col, v);
+      if constexpr (kGather) {
+        // load_as_float, keeping the raw vector for x_out.
+        AlignedVec<TIn, kVec> raw;
+        copy_vec(&raw, reinterpret_cast<const AlignedVec<TIn, kVec>*>(x + col));
+        if (x_out != nullptr) copy_vec(reinterpret_cast<AlignedVec<TIn, kVec>*>(x_out + col), &raw);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) v[j] = to_float(raw.data[j]);
+      } else {
+        load_as_float(x + col, v);
+      }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         sum += v[j];
@@ -203,7 +238,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock, 1) layer_norm_bwd_kernel(
   constexpr int kUnroll = kVec == 1 ? 4 : kIters;
   __shared__ float2 reduce_smem[kMaxWarpsPerBlock];
   // [2][kElems][blockDim.x]: dweight then dbias partial sums.
-  extern __shared__ float dwdb_smem[];
+  DINOV2_FAST_DYNAMIC_SHARED(smem);
+  float* const dwdb_smem = reinterpret_cast<float*>(smem);
   float* dw_acc = dwdb_smem + threadIdx.x;
   float* db_acc = dwdb_smem + kElems * blockDim.x + threadIdx.x;
 #pragma unroll
@@ -329,27 +365,33 @@ bool vector_ok(const void* ptr, int64_t row_stride) {
   return ptr == nullptr || (row_stride % kVec == 0 && is_aligned(ptr, vec_alignment<T, kVec>()));
 }
 
-template <typename TIn, typename TOut, int kVec, bool kLargeRows>
-cudaError_t launch_fwd_kernel(const FwdParams& p, const RowLayout& layout, cudaStream_t stream) {
+template <typename TIn, typename TOut, int kVec, bool kLargeRows, bool kGather>
+cudaError_t launch_fwd_kernel(const FwdKernelParams<kGather>& p, const RowLayout& layout,
+                              cudaStream_t stream) {
   const unsigned int blocks = static_cast<unsigned int>(ceil_div(p.rows, layout.rows_per_block));
-  layer_norm_fwd_kernel<TIn, TOut, kVec, kElemsPerThread / kVec, kLargeRows>
-      <<<blocks, layout.block_threads, 0, stream>>>(p);
-  return check_launch();
+  const auto kernel =
+      layer_norm_fwd_kernel<TIn, TOut, kVec, kElemsPerThread / kVec, kLargeRows, kGather>;
+  return launch_kernel(kernel, blocks, layout.block_threads, 0, stream, p);
 }
 
-template <typename TIn, typename TOut>
-cudaError_t launch_fwd(const FwdParams& p, const RowLayout& layout, cudaStream_t stream) {
+template <typename TIn, typename TOut, bool kGather>
+cudaError_t launch_fwd(const FwdKernelParams<kGather>& p, const RowLayout& layout,
+                       cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TIn);
-  const bool vectorized = p.dim % kVec == 0 && vector_ok<TIn, kVec>(p.x, p.x_row_stride) &&
-                          vector_ok<TOut, kVec>(p.y, p.y_row_stride) &&
-                          vector_ok<float, kVec>(p.weight, 0) && vector_ok<float, kVec>(p.bias, 0);
+  bool vectorized = p.dim % kVec == 0 && vector_ok<TIn, kVec>(p.x, p.x_row_stride) &&
+                    vector_ok<TOut, kVec>(p.y, p.y_row_stride) &&
+                    vector_ok<float, kVec>(p.weight, 0) && vector_ok<float, kVec>(p.bias, 0);
+  if constexpr (kGather) {
+    vectorized = vectorized && p.x_sample_stride % kVec == 0 &&
+                 vector_ok<TIn, kVec>(p.x_out, p.x_out_row_stride);
+  }
   const bool large_rows = layout.block_threads > kFwdSmallRowsBlockThreads;
   if (vectorized) {
-    return large_rows ? launch_fwd_kernel<TIn, TOut, kVec, true>(p, layout, stream)
-                      : launch_fwd_kernel<TIn, TOut, kVec, false>(p, layout, stream);
+    return large_rows ? launch_fwd_kernel<TIn, TOut, kVec, true, kGather>(p, layout, stream)
+                      : launch_fwd_kernel<TIn, TOut, kVec, false, kGather>(p, layout, stream);
   }
-  return large_rows ? launch_fwd_kernel<TIn, TOut, 1, true>(p, layout, stream)
-                    : launch_fwd_kernel<TIn, TOut, 1, false>(p, layout, stream);
+  return large_rows ? launch_fwd_kernel<TIn, TOut, 1, true, kGather>(p, layout, stream)
+                    : launch_fwd_kernel<TIn, TOut, 1, false, kGather>(p, layout, stream);
 }
 
 template <typename TIn, typename TGrad>
@@ -364,20 +406,19 @@ cudaError_t launch_bwd(const BwdParams& p, const RowLayout& layout, int64_t num_
                                  : layer_norm_bwd_kernel<TIn, TGrad, 1, kElemsPerThread>;
   const size_t smem_bytes = bwd_smem_bytes(layout);
   if (smem_bytes > kDefaultMaxSmemBytes) {
-    DINOV2_FAST_CHECK_CUDA(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+    DINOV2_FAST_CHECK_CUDA(set_max_dynamic_shared_memory(kernel, smem_bytes));
   }
-  kernel<<<static_cast<unsigned int>(num_partial_rows), layout.block_threads, smem_bytes,
-           stream>>>(p);
-  return check_launch();
+  return launch_kernel(kernel, static_cast<unsigned int>(num_partial_rows), layout.block_threads,
+                       smem_bytes, stream, p);
 }
 
 }  // namespace
 
-cudaError_t layer_norm_fwd(const void* x, void* y, const float* weight, const float* bias,
-                           float* mean, float* rstd, int64_t rows, int64_t dim,
-                           int64_t x_row_stride, int64_t y_row_stride, float eps, DType x_dtype,
-                           DType y_dtype, cudaStream_t stream) {
+cudaError_t launch_layer_norm_fwd(const void* x, void* y, const float* weight, const float* bias,
+                                  float* mean, float* rstd, int64_t rows, int64_t dim,
+                                  int64_t x_row_stride, int64_t y_row_stride, float eps,
+                                  const LayerNormGather* gather, DType x_dtype, DType y_dtype,
+                                  cudaStream_t stream) {
   if (dim < 1 || dim > kLayerNormMaxDim || rows < 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const RowLayout layout = row_layout(dim, kFwdMinBlockThreads);
@@ -396,23 +437,34 @@ cudaError_t layer_norm_fwd(const void* x, void* y, const float* weight, const fl
                     layout.threads_per_row,
                     layout.rows_per_block};
   cudaError_t status = cudaErrorInvalidValue;
-  DINOV2_FAST_DTYPE_SWITCH(
-      x_dtype, TIn,
-      DINOV2_FAST_DTYPE_SWITCH(y_dtype, TOut, status = launch_fwd<TIn, TOut>(p, layout, stream)))
+  if (gather == nullptr) {
+    DINOV2_FAST_DTYPE_SWITCH(
+        x_dtype, TIn,
+        DINOV2_FAST_DTYPE_SWITCH(y_dtype, TOut,
+                                 status = launch_fwd<TIn, TOut, false>(p, layout, stream)))
+  } else {
+    const GatheredFwdParams gathered{p, *gather};
+    DINOV2_FAST_DTYPE_SWITCH(
+        x_dtype, TIn,
+        DINOV2_FAST_DTYPE_SWITCH(y_dtype, TOut,
+                                 status = launch_fwd<TIn, TOut, true>(gathered, layout, stream)))
+  }
   return status;
+}
+
+cudaError_t layer_norm_fwd(const void* x, void* y, const float* weight, const float* bias,
+                           float* mean, float* rstd, int64_t rows, int64_t dim,
+                           int64_t x_row_stride, int64_t y_row_stride, float eps, DType x_dtype,
+                           DType y_dtype, cudaStream_t stream) {
+  return launch_layer_norm_fwd(x, y, weight, bias, mean, rstd, rows, dim, x_row_stride,
+                               y_row_stride, eps, nullptr, x_dtype, y_dtype, stream);
 }
 
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t dim, DType /*x_dtype*/, int device) {
   // The row layout depends on dim only (both vector widths hold kElemsPerThread elements), so
   // the x dtype does not enter the count.
   if (rows < 1 || dim < 1 || dim > kLayerNormMaxDim) return 1;
-  int sm_count = 0;
-  if (cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sm_count < 1) {
-    // Clear the error so that the next launch check does not report it.
-    (void)cudaGetLastError();
-    sm_count = kDefaultSmCount;
-  }
+  const int sm_count = sm_count_or_default(device);
   const RowLayout layout = row_layout(dim, kBwdMinBlockThreads);
   return std::min(ceil_div(rows, layout.rows_per_block),
                   static_cast<int64_t>(sm_count) * (kBwdThreadsPerSm / layout.block_threads));
@@ -466,9 +518,8 @@ cudaError_t layer_norm_bwd(const void* dy, const void* x, const float* weight, c
 
   const dim3 grid(static_cast<unsigned int>(ceil_div(dim, kReduceCols)), 2);
   const dim3 block(kReduceCols, kReduceSlices);
-  layer_norm_bwd_dwdb_reduce_kernel<<<grid, block, 0, stream>>>(
-      partial, static_cast<int>(num_partial_rows), static_cast<int>(dim), dweight, dbias);
-  return check_launch();
+  return launch_kernel(layer_norm_bwd_dwdb_reduce_kernel, grid, block, 0, stream, partial,
+                       static_cast<int>(num_partial_rows), static_cast<int>(dim), dweight, dbias);
 }
 
 }  // namespace dinov2_fast

@@ -20,7 +20,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCHERS = ("layer_norm_fwd", "layer_norm_bwd_partial_rows", "layer_norm_bwd")
+LAUNCHERS = (
+    "layer_norm_fwd",
+    "layer_norm_bwd_partial_rows",
+    "layer_norm_bwd",
+    "inverse_index_workspace_size",
+    "index_select_rows",
+    "index_scatter_rows",
+    "scaled_index_add_fwd",
+    "scaled_index_add_bwd_partial_rows",
+    "scaled_index_add_bwd",
+    "index_select_layer_norm_fwd",
+)
 
 
 def _setup_py():

@@ -1,5 +1,9 @@
 """index_select_cat and scaled_index_add (the fused residual update): every backend against a
-float64 reference, gradients, in-place safety, the op contract, bad inputs, AOT compiles."""
+float64 reference, gradients, in-place safety, the op contract, bad inputs, AOT compiles.
+
+backend="cuda" runs csrc/'s kernels: on a GPU when the extension is built, on the CPU through
+tests/cuda_emulator (the ``emulated_cuda`` fixture, switched on for every test whose ``backend``
+parameter is "cuda")."""
 
 from __future__ import annotations
 
@@ -18,19 +22,46 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _backends():
+def _backends(op="scaled_index_add"):
+    """The backends of ``op`` that run here ("cuda" on the CPU through the emulator)."""
+    device = torch.device(DEVICE)
     backends = ["torch"]
-    if not _backend.unavailable_reason("triton", torch.device(DEVICE)):
+    if not _backend.unavailable_reason("triton", device):
         backends.append("triton")
+    if "cuda" in _backend.AUTO_PREFERENCE[op] and (
+        DEVICE == "cpu" or not _backend.unavailable_reason("cuda", device)
+    ):
+        backends.append("cuda")
     return backends
+
+
+@pytest.fixture(autouse=True)
+def _emulate_cuda_backend(request):
+    """Tests parametrized with backend="cuda" run the emulated kernels on the CPU."""
+    callspec = getattr(request.node, "callspec", None)
+    if DEVICE == "cpu" and callspec is not None and callspec.params.get("backend") == "cuda":
+        request.getfixturevalue("emulated_cuda")
 
 
 def _randn(shape, dtype, device=DEVICE):
     return torch.randn(shape, dtype=torch.float64).to(device, dtype)
 
 
-def _subset(batch, kept, index_dtype=torch.int64):
-    return torch.randperm(batch)[:kept].to(DEVICE, index_dtype)
+def _subset(batch, kept, index_dtype=torch.int64, strided=False):
+    index = torch.randperm(batch)[:kept].to(DEVICE, index_dtype)
+    # strided: a view with element stride 2 (a column of a [kept, 2] tensor).
+    return torch.stack([index, index], 1)[:, 0] if strided else index
+
+
+def _in_layout(shape, dtype, layout):
+    """Fresh random values of ``shape`` stored as ``layout``: "contiguous"; "offset" (one element
+    into its storage: not 16-byte aligned, the CUDA kernels' scalar path); "padded" (rows of C + 8
+    elements: row strides other than C, still 16-byte aligned for the vector path)."""
+    if layout == "offset":
+        return _randn(math.prod(shape) + 1, dtype)[1:].view(shape)
+    if layout == "padded":
+        return _randn((*shape[:-1], shape[-1] + 8), dtype)[..., : shape[-1]]
+    return _randn(shape, dtype)
 
 
 # --- index_select_cat ----------------------------------------------------------------------------
@@ -93,9 +124,13 @@ def test_index_select_cat_bad_inputs():
 # --- index_select_layer_norm --------------------------------------------------------------------
 
 
-def _check_index_select_layer_norm(backend, dtype, shapes, kept, autocast=False):
+def _check_index_select_layer_norm(
+    backend, dtype, shapes, kept, autocast=False, layout="contiguous"
+):
     dim = shapes[0][-1]
-    sources = [(_randn(s, dtype) * 2 + 0.5).requires_grad_() for s in shapes]
+    sources = [_in_layout(s, dtype, layout) for s in shapes]
+    for source in sources:
+        source.mul_(2).add_(0.5).requires_grad_()
     indices = [
         _subset(s[0], k, torch.int32 if i else torch.int64)
         for i, (s, k) in enumerate(zip(shapes, kept))
@@ -118,15 +153,25 @@ def _check_index_select_layer_norm(backend, dtype, shapes, kept, autocast=False)
         assert_close_to_reference(t.grad, leaf.grad, f"grad {i}", condition=8.0 * rows)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", _backends("index_select_layer_norm"))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_index_select_layer_norm_matches_reference(backend, dtype):
     _check_index_select_layer_norm(backend, dtype, [(7, 9, 96), (5, 1, 96), (3, 4, 96)], [4, 5, 0])
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", _backends("index_select_layer_norm"))
 def test_index_select_layer_norm_under_autocast_odd_width(backend):
     _check_index_select_layer_norm(backend, torch.float32, [(6, 5, 37), (2, 3, 37)], [3, 1], True)
+
+
+@pytest.mark.parametrize("backend", _backends("index_select_layer_norm"))
+@pytest.mark.parametrize("layout", ["offset", "padded"])
+@pytest.mark.parametrize("dim", [7, 384, 1000, 4104])
+def test_index_select_layer_norm_reads_any_layout(backend, layout, dim):
+    # 4104 is over 4096: the kernels' layout for long rows.
+    _check_index_select_layer_norm(
+        backend, torch.bfloat16, [(5, 3, dim), (4, 1, dim)], [3, 2], False, layout
+    )
 
 
 def test_index_select_layer_norm_bad_inputs():
@@ -176,16 +221,18 @@ def test_scaled_index_add_matches_reference(backend, inplace, case):
     _check_scaled_index_add(backend, inplace, case)
 
 
-def _check_scaled_index_add(backend, inplace, case):
+def _check_scaled_index_add(backend, inplace, case, layout="contiguous"):
     shape, kept, x_dtype, source_dtype, scaling_dtype, alpha = case
-    x = _randn(shape, x_dtype).requires_grad_()
-    index = _subset(shape[0], kept, torch.int32 if kept % 2 else torch.int64)
-    source = _randn((kept, *shape[1:]), source_dtype).requires_grad_()
+    x = _in_layout(shape, x_dtype, layout).requires_grad_()
+    index_dtype = torch.int32 if kept % 2 else torch.int64
+    index = _subset(shape[0], kept, index_dtype, strided=layout == "padded")
+    source = _in_layout((kept, *shape[1:]), source_dtype, layout).requires_grad_()
     scaling = None
     if scaling_dtype is not None:
         scaling = (torch.rand(shape[-1], dtype=torch.float64) + 0.5).to(DEVICE, scaling_dtype)
         scaling.requires_grad_()
-    target = x * 1 if inplace else x  # in place needs a non-leaf
+    # In place needs a non-leaf: x copied into a buffer of the same layout.
+    target = _in_layout(shape, x_dtype, layout).copy_(x) if inplace else x
     out = scaled_index_add(target, index, source, scaling, alpha, inplace=inplace, backend=backend)
     if inplace:
         assert out is target
@@ -221,6 +268,61 @@ def test_scaled_index_add_strided_inputs_and_expanded_grad(backend):
     expected_source_grad = (1.5 * scaling.detach()).expand(4, 5, 32)
     torch.testing.assert_close(source.grad, expected_source_grad)
     torch.testing.assert_close(scaling.grad, 1.5 * source.detach().sum((0, 1)))
+
+
+# Odd widths (C = 384, 1000, 7, 1) with mixed dtypes, stored misaligned or with padded rows.
+LAYOUT_CASES = [
+    ((5, 6, 384), 3, torch.float32, torch.bfloat16, torch.float32, 5 / 3),
+    ((4, 1000), 2, torch.bfloat16, torch.bfloat16, None, 2.0),
+    ((6, 3, 7), 4, torch.float16, torch.float32, torch.bfloat16, 1.5),
+    ((5, 2, 1), 3, torch.float32, torch.float16, torch.float16, -1.0),
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", ["offset", "padded"])
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "x".join(map(str, c[0])))
+def test_scaled_index_add_reads_any_layout(backend, inplace, layout, case):
+    _check_scaled_index_add(backend, inplace, case, layout)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["offset", "padded"])
+def test_index_select_cat_reads_any_layout(backend, dtype, layout):
+    shapes = [(7, 5, 384), (4, 1000), (3, 2, 7), (6, 1), (9,)]
+    kept = [4, 4, 2, 0, 5]
+    sources = [_in_layout(s, dtype, layout).requires_grad_() for s in shapes]
+    indices = [
+        _subset(s[0], k, torch.int32 if i % 2 else torch.int64, strided=layout == "padded")
+        for i, (s, k) in enumerate(zip(shapes, kept))
+    ]
+    out = index_select_cat(sources, indices, backend=backend)
+    leaves = [s.detach().double().requires_grad_() for s in sources]
+    expected = torch.cat([s[i.long()].flatten() for s, i in zip(leaves, indices)])
+    assert torch.equal(out.double(), expected)
+    grad = torch.randn_like(expected).to(dtype)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for i, (source, leaf) in enumerate(zip(sources, leaves)):
+        assert torch.equal(source.grad.double(), leaf.grad), f"grad of sources[{i}]"
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_many_indices(backend):
+    # Over 512 indices the CUDA kernels first write the inverse index to a workspace.
+    batch, kept = 700, 600
+    source = _randn((batch, 2, 3), torch.float32).requires_grad_()
+    index = _subset(batch, kept)
+    out = index_select_cat([source], [index], backend=backend)
+    assert torch.equal(out, source.detach()[index].flatten())
+    out.backward(torch.ones_like(out))
+    picked = torch.zeros(batch, dtype=torch.bool, device=DEVICE)
+    picked[index] = True
+    assert torch.equal(source.grad, picked.float()[:, None, None].expand(batch, 2, 3))
+    case = ((batch, 1, 5), kept, torch.float32, torch.bfloat16, torch.float32, batch / kept)
+    _check_scaled_index_add(backend, False, case)
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -269,6 +371,34 @@ def test_scaled_index_add_bad_inputs():
         scaled_index_add(x, index.float(), source)
 
 
+def test_cuda_launchers_reject_bad_arguments(emulated_cuda):
+    # Tags are checked in the bindings, sizes in the launchers, both before any CUDA work.
+    ext = emulated_cuda
+    select = lambda index_dtype, dtype, k=1: ext.index_select_rows(  # noqa: E731
+        0, 0, 0, index_dtype, 1, k, 1, 8, 8, 8, 8, 8, dtype, 0
+    )
+    with pytest.raises(ValueError, match=r"index_select_rows: unknown index dtype tag 2"):
+        select(2, 0)
+    with pytest.raises(ValueError, match=r"index_select_rows: unknown dtype tag 3 for dtype"):
+        select(0, 3)
+    with pytest.raises(RuntimeError, match=r"index_select_rows: CUDA error"):
+        select(0, 0, k=-1)
+    add = lambda batch, k, source_dtype=0: ext.scaled_index_add_fwd(  # noqa: E731
+        0, 0, 0, 0, 0, 1, 1, 0, batch, k, 1, 8, 1.0, 8, 8, 8, 8, 8, 8, False, 0, source_dtype, 0, 0
+    )
+    with pytest.raises(ValueError, match=r"scaled_index_add_fwd: unknown dtype tag 3 for source"):
+        add(4, 2, 3)
+    with pytest.raises(RuntimeError, match=r"scaled_index_add_fwd: CUDA error"):
+        add(4, 5)  # more indices than samples
+    with pytest.raises(RuntimeError, match=r"index_select_layer_norm_fwd: CUDA error"):
+        ext.index_select_layer_norm_fwd(
+            0, 0, 1, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1e-6, 0, 0, 0
+        )
+    assert ext.inverse_index_workspace_size(512, 700) == 0
+    assert ext.inverse_index_workspace_size(513, 700) == 700
+    assert ext.scaled_index_add_bwd_partial_rows(0, 5, 8, 0) == 1
+
+
 # The sizes of a DINOv2 ViT-L step at drop rate 0.4 (fp32 stream, bf16 branch, fp32 gamma).
 VIT_L_CASES = [
     ((64, 257, 1024), 38, torch.float32, torch.bfloat16, torch.float32, 64 / 38),
@@ -286,9 +416,38 @@ def test_gpu_ops_match_reference():
         indices = [_subset(64, 38), _subset(256, 153)]
         out = index_select_cat(sources, indices, backend=backend)
         assert torch.equal(out, torch.cat([s[i].flatten() for s, i in zip(sources, indices)]))
+    for backend in _backends("index_select_layer_norm"):
         shapes = [(64, 257, 1024), (256, 50, 1024)]
         _check_index_select_layer_norm(backend, torch.float32, shapes, [38, 153], autocast=True)
         _check_index_select_layer_norm(backend, torch.bfloat16, shapes, [38, 153])
+
+
+@pytest.mark.gpu
+def test_gpu_backends_agree():
+    """Every backend on the ViT-L step's sizes: the gather and its scatter bit for bit, the
+    residual update and its gradients within rounding of torch's."""
+    for shape, kept, x_dtype, source_dtype, scaling_dtype, alpha in VIT_L_CASES:
+        x = _randn(shape, x_dtype).requires_grad_()
+        source = _randn((kept, *shape[1:]), source_dtype).requires_grad_()
+        gamma = _randn(shape[-1], scaling_dtype).requires_grad_()
+        index, grad = _subset(shape[0], kept), _randn(shape, x_dtype)
+        results = {}
+        for backend in _backends():
+            packed = index_select_cat([x], [index], backend=backend)
+            (grad_x,) = torch.autograd.grad(packed, x, grad[index].flatten())
+            out = scaled_index_add(x.detach(), index, source, gamma, alpha, backend=backend)
+            results[backend] = (
+                packed,
+                grad_x,
+                out,
+                *torch.autograd.grad(out, (source, gamma), grad),
+            )
+        packed, grad_x, out, grad_source, grad_gamma = results["torch"]
+        for backend, result in results.items():
+            assert torch.equal(result[0], packed) and torch.equal(result[1], grad_x), backend
+            torch.testing.assert_close(result[2], out, msg=backend)
+            torch.testing.assert_close(result[3], grad_source, msg=backend)
+            torch.testing.assert_close(result[4], grad_gamma, rtol=1e-4, atol=1e-3, msg=backend)
 
 
 @pytest.mark.gpu
@@ -323,6 +482,8 @@ def test_custom_ops_pass_opcheck(backend):
         torch.ops.dinov2_fast.index_select_cat.default,
         ([x, other], [index, _subset(4, 3)], backend),
     )
+    if backend not in _backends("index_select_layer_norm"):
+        return
     weight = torch.rand(16, device=DEVICE, requires_grad=True)
     torch.library.opcheck(
         torch.ops.dinov2_fast.index_select_layer_norm_fwd.default,

@@ -8,6 +8,8 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The tags csrc/ takes for these dtypes (common.h's DType).
+DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _DTYPE_NAMES = "float32, float16 or bfloat16"
 
 
@@ -58,6 +60,8 @@ def with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
 
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The tags csrc/ takes for these dtypes (indexed_rows.h's IndexType).
+INDEX_DTYPE_TAGS = {torch.int32: 0, torch.int64: 1}
 
 
 def check_index(

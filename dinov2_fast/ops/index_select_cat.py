@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from dinov2_fast import _backend
+from dinov2_fast import _backend, backend_table
 from dinov2_fast.ops._checks import (
+    DTYPE_TAGS,
+    INDEX_DTYPE_TAGS,
     as_samples,
     check_sources_and_indices,
     with_unit_last_stride,
@@ -39,7 +41,7 @@ def index_select_cat(
         validate: check the index values (range, no repeats). This reads them on the host, a
             device sync for CUDA tensors; pass False for indices known to be valid (e.g. from
             ``torch.randperm``). Unchecked bad indices give undefined results.
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "triton", "cuda" or "torch".
 
     Returns:
         1-D tensor of ``sum_i len(indices[i]) * sources[i][0].numel()`` elements, the sources'
@@ -54,7 +56,13 @@ def index_select_cat(
     sources, indices = check_sources_and_indices(sources, indices, validate=validate, samples=False)
     views = [with_unit_last_stride(as_samples(source)) for source in sources]
     first = sources[0]
-    chosen = _backend.resolve("index_select_cat", backend, first.device)
+    shape_class = backend_table.shape_class(
+        "index_select_cat",
+        width=views[0].shape[-1],
+        rows=sum(index.shape[0] * view.shape[1] for view, index in zip(views, indices)),
+        dtype=first.dtype,
+    )
+    chosen = _backend.resolve("index_select_cat", backend, first.device, shape_class)
     return torch.ops.dinov2_fast.index_select_cat(views, indices, chosen)
 
 
@@ -68,11 +76,15 @@ def _index_select_cat(
     """``sources[i]: [B_i, N_i, D_i]`` (unit stride along D) -> 1-D ``sum_i k_i N_i D_i``."""
     if backend == "torch":
         return torch.cat([s.index_select(0, i).reshape(-1) for s, i in zip(sources, indices)])
-    from dinov2_fast.kernels import index_select_cat as kernels
-
     out = sources[0].new_empty(_total(sources, indices))
     for source, index, part in zip(sources, indices, _parts(out, sources, indices)):
-        kernels.index_select_rows(source, index, part)
+        if backend == "cuda":
+            _cuda_select_rows(source, index, part)
+        else:
+            from dinov2_fast.kernels import index_select_cat as kernels
+
+            # The Triton kernels read the index as contiguous; the CUDA ones take its stride.
+            kernels.index_select_rows(source, index.contiguous(), part)
     return out
 
 
@@ -99,10 +111,12 @@ def _index_select_cat_bwd(
         if backend == "torch":
             full = grad.new_zeros((batch, tokens, dim))
             grads.append(full.index_copy_(0, index.long(), part))
+        elif backend == "cuda":
+            grads.append(_cuda_scatter_rows(part, index, batch))
         else:
             from dinov2_fast.kernels import index_select_cat as kernels
 
-            grads.append(kernels.index_scatter_rows(part, index, batch))
+            grads.append(kernels.index_scatter_rows(part, index.contiguous(), batch))
     return grads
 
 
@@ -150,3 +164,40 @@ def _parts(flat: torch.Tensor, shapes, indices) -> list[torch.Tensor]:
         parts.append(flat[offset : offset + size].view(index.shape[0], tokens, dim))
         offset += size
     return parts
+
+
+# --- the CUDA backend (csrc/index_select_cat.cu) -------------------------------------------------
+
+
+def _cuda_select_rows(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[j] = source[index[j]]``; ``source: [B, N, D]``, ``out: [k, N, D]``, both with unit
+    stride along D (the kernel picks 16-byte vectors when pointers and strides allow)."""
+    ext = _backend.cuda_extension()
+    samples, tokens, dim = out.shape
+    with _backend.on_device(source.device):
+        ext.index_select_rows(
+            source.data_ptr(), out.data_ptr(),
+            index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
+            samples, tokens, dim,
+            source.stride(0), source.stride(1), out.stride(0), out.stride(1),
+            DTYPE_TAGS[source.dtype], _backend.cuda_stream(source.device),
+        )  # fmt: skip
+
+
+def _cuda_scatter_rows(grad: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """A new contiguous ``[size, N, D]``: ``grad[j]`` at sample ``index[j]``, zero elsewhere."""
+    ext = _backend.cuda_extension()
+    samples, tokens, dim = grad.shape
+    out = grad.new_empty((size, tokens, dim))
+    # Only for large k: the kernel otherwise finds each tile's partners itself.
+    workspace = grad.new_empty(ext.inverse_index_workspace_size(samples, size), dtype=torch.int32)
+    with _backend.on_device(grad.device):
+        ext.index_scatter_rows(
+            grad.data_ptr(), out.data_ptr(),
+            index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
+            samples, size, tokens, dim,
+            grad.stride(0), grad.stride(1), out.stride(0), out.stride(1),
+            workspace.data_ptr() if workspace.numel() else 0,
+            DTYPE_TAGS[grad.dtype], _backend.cuda_stream(grad.device),
+        )  # fmt: skip
+    return out

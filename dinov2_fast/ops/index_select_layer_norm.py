@@ -16,7 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from dinov2_fast.ops._checks import check_sources_and_indices, with_unit_last_stride
+from dinov2_fast import _backend, backend_table
+from dinov2_fast.ops._checks import (
+    DTYPE_TAGS,
+    INDEX_DTYPE_TAGS,
+    check_sources_and_indices,
+    with_unit_last_stride,
+)
 from dinov2_fast.ops.layer_norm import (
     _torch_fwd,
     check_kernel_width,
@@ -48,7 +54,7 @@ def index_select_layer_norm(
             autocast, any float dtype under it).
         validate: check the index values on the host (a device sync for CUDA tensors); False for
             indices known to be valid.
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "triton", "cuda" or "torch".
 
     Returns:
         ``[T, C]`` with ``T = sum_i len(indices[i]) * N_i``, in the sources' dtype or the autocast
@@ -68,7 +74,14 @@ def index_select_layer_norm(
     if dim == 0:
         raise ValueError("the sources' last dimension (C) must be at least 1, got 0")
     out_dtype, eps = check_layer_norm_arguments(first, weight, bias, eps)
-    chosen = check_kernel_width("index_select_layer_norm", dim, backend, first.device)
+    shape_class = backend_table.shape_class(
+        "index_select_layer_norm",
+        width=dim,
+        rows=sum(index.shape[0] * source.shape[1] for source, index in zip(sources, indices)),
+        dtype=first.dtype,
+        out_dtype=out_dtype,
+    )
+    chosen = check_kernel_width("index_select_layer_norm", dim, backend, first.device, shape_class)
     y, _, _, _ = torch.ops.dinov2_fast.index_select_layer_norm_fwd(
         views, [i.contiguous() for i in indices], weight, bias, eps, out_dtype, chosen
     )
@@ -99,12 +112,22 @@ def _index_select_layer_norm_fwd(
         )
         y, mean, rstd = _torch_fwd(gathered, weight, bias, eps, out_dtype)
         return y, gathered, mean, rstd
-    from dinov2_fast.kernels import layer_norm as kernels
-
     y, gathered, mean, rstd = _new_outputs(sources, indices, out_dtype)
+    if backend == "cuda":
+        # The CUDA kernel reads fp32 parameters, as layer_norm's.
+        weight = None if weight is None else weight.float()
+        bias = None if bias is None else bias.float()
     start = 0
     for source, index in zip(sources, indices):
-        end = start + index.shape[0] * source.shape[1]
+        rows = slice(start, start + index.shape[0] * source.shape[1])
+        start = rows.stop
+        if backend == "cuda":
+            _cuda_fwd(
+                source, index, weight, bias, eps, y[rows], gathered[rows], mean[rows], rstd[rows]
+            )
+            continue
+        from dinov2_fast.kernels import layer_norm as kernels
+
         kernels.layer_norm_fwd(
             source,
             weight,
@@ -112,12 +135,11 @@ def _index_select_layer_norm_fwd(
             eps,
             out_dtype,
             index=index,
-            y=y[start:end],
-            mean=mean[start:end],
-            rstd=rstd[start:end],
-            x_out=gathered[start:end],
+            y=y[rows],
+            mean=mean[rows],
+            rstd=rstd[rows],
+            x_out=gathered[rows],
         )
-        start = end
     return y, gathered, mean, rstd
 
 
@@ -171,3 +193,22 @@ def _backward(ctx, dy, _dgathered, _dmean, _drstd):
 
 
 _index_select_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the CUDA backend (csrc/index_select_layer_norm.cu) ------------------------------------------
+
+
+def _cuda_fwd(source, index, weight32, bias32, eps, y, gathered, mean, rstd):
+    """One source's picked rows: ``source: [B, N, C]`` (unit stride along C) normalised into ``y``
+    and copied into ``gathered`` (``[k * N, C]``), statistics into ``mean, rstd: [k * N]``."""
+    ext = _backend.cuda_extension()
+    _, tokens, dim = source.shape
+    address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    with _backend.on_device(source.device):
+        ext.index_select_layer_norm_fwd(
+            source.data_ptr(), index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
+            index.shape[0], tokens, dim, source.stride(0), source.stride(1),
+            y.data_ptr(), y.stride(0), gathered.data_ptr(), gathered.stride(0),
+            address(weight32), address(bias32), mean.data_ptr(), rstd.data_ptr(),
+            eps, DTYPE_TAGS[source.dtype], DTYPE_TAGS[y.dtype], _backend.cuda_stream(source.device),
+        )  # fmt: skip

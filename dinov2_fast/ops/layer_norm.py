@@ -12,8 +12,9 @@ import warnings
 
 import torch
 
-from dinov2_fast import _backend
+from dinov2_fast import _backend, backend_table
 from dinov2_fast.ops._checks import (
+    DTYPE_TAGS,
     autocast_dtype,
     check_float_dtype,
     check_nonnegative_float,
@@ -27,7 +28,6 @@ __all__ = ["layer_norm", "MAX_DIM"]
 
 # Widest row the Triton and CUDA kernels hold in registers; the torch backend has no limit.
 MAX_DIM = 16384
-_DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def layer_norm(
@@ -72,7 +72,10 @@ def layer_norm(
     if dim == 0:
         raise ValueError("x's last dimension (D) must be at least 1, got 0")
     out_dtype, eps = check_layer_norm_arguments(x, weight, bias, eps)
-    chosen = check_kernel_width("layer_norm", dim, backend, x.device)
+    shape_class = backend_table.shape_class(
+        "layer_norm", width=dim, rows=x.numel() // dim, dtype=x.dtype, out_dtype=out_dtype
+    )
+    chosen = check_kernel_width("layer_norm", dim, backend, x.device, shape_class)
     rows = with_unit_last_stride(x.reshape(-1, dim))
     y, _, _ = torch.ops.dinov2_fast.layer_norm_fwd(rows, weight, bias, eps, out_dtype, chosen)
     return y.view(x.shape)
@@ -103,10 +106,13 @@ def check_layer_norm_arguments(
     return autocast_to or x.dtype, check_nonnegative_float("eps", eps)
 
 
-def check_kernel_width(op: str, dim: int, backend: str, device: torch.device) -> str:
-    """The backend for ``op`` (a LayerNorm) on rows of width ``dim``: over MAX_DIM "auto" falls
-    back to torch with a warning, a kernel backend asked for by name raises."""
-    chosen = _backend.resolve(op, backend, device)
+def check_kernel_width(
+    op: str, dim: int, backend: str, device: torch.device, shape_class: str | None = None
+) -> str:
+    """The backend for ``op`` (a LayerNorm) on rows of width ``dim`` (of ``shape_class``, for the
+    measured table): over MAX_DIM "auto" falls back to torch with a warning, a kernel backend
+    asked for by name raises."""
+    chosen = _backend.resolve(op, backend, device, shape_class)
     if dim > MAX_DIM and chosen in _backend.KERNEL_BACKENDS:
         if backend != "auto":
             raise ValueError(
@@ -261,10 +267,6 @@ def _torch_bwd(dy, x, weight, mean, rstd, bias_dtype):
     )
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 def _pointer(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -278,7 +280,7 @@ def _cuda_fwd(x, weight, bias, eps, out_dtype):
     # The CUDA kernels read fp32 parameters: one dtype to instantiate, D elements to convert.
     weight32 = None if weight is None else weight.float()
     bias32 = None if bias is None else bias.float()
-    with torch.cuda.device(x.device):
+    with _backend.on_device(x.device):
         ext.layer_norm_fwd(
             x.data_ptr(),
             y.data_ptr(),
@@ -291,9 +293,9 @@ def _cuda_fwd(x, weight, bias, eps, out_dtype):
             x.stride(0),
             y.stride(0),
             eps,
-            _DTYPE_TAGS[x.dtype],
-            _DTYPE_TAGS[out_dtype],
-            _stream(x.device),
+            DTYPE_TAGS[x.dtype],
+            DTYPE_TAGS[out_dtype],
+            _backend.cuda_stream(x.device),
         )
     return y, mean, rstd
 
@@ -305,13 +307,13 @@ def _cuda_bwd(dy, x, weight, mean, rstd, bias_dtype):
     dx = torch.empty((rows, dim), dtype=x.dtype, device=x.device)
     dweight32 = x.new_empty(dim, dtype=torch.float32) if has_weight else None
     dbias32 = x.new_empty(dim, dtype=torch.float32) if has_bias else None
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device = _backend.device_index(x.device)
     partial = None
     if has_weight or has_bias:
-        parts = ext.layer_norm_bwd_partial_rows(rows, dim, _DTYPE_TAGS[x.dtype], device)
+        parts = ext.layer_norm_bwd_partial_rows(rows, dim, DTYPE_TAGS[x.dtype], device)
         partial = x.new_empty(2 * parts * dim, dtype=torch.float32)
     weight32 = None if weight is None else weight.float()
-    with torch.cuda.device(x.device):
+    with _backend.on_device(x.device):
         ext.layer_norm_bwd(
             dy.data_ptr(),
             x.data_ptr(),
@@ -327,10 +329,10 @@ def _cuda_bwd(dy, x, weight, mean, rstd, bias_dtype):
             dy.stride(0),
             x.stride(0),
             dx.stride(0),
-            _DTYPE_TAGS[x.dtype],
-            _DTYPE_TAGS[dy.dtype],
+            DTYPE_TAGS[x.dtype],
+            DTYPE_TAGS[dy.dtype],
             device,
-            _stream(x.device),
+            _backend.cuda_stream(x.device),
         )
     param_dtype = _param_dtype(weight, bias_dtype, x)
     return (

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from dinov2_fast import _backend
+from dinov2_fast import _backend, backend_table
 from dinov2_fast.ops._checks import (
+    DTYPE_TAGS,
+    INDEX_DTYPE_TAGS,
     as_samples,
     check_finite_float,
     check_float_dtype,
@@ -55,7 +57,7 @@ def scaled_index_add(
             be modified. Out of place (default) writes a new tensor.
         validate: check index's values on the host (a device sync for CUDA tensors); pass False
             for indices known to be valid. Unchecked bad indices give undefined results.
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "triton", "cuda" or "torch".
 
     Returns:
         A tensor shaped and typed like x (x itself with ``inplace``). Math in fp32, rounded once.
@@ -91,7 +93,15 @@ def scaled_index_add(
             raise ValueError("scaling needs x with a channel dimension ([B, ..., C]); x is 1-D")
         check_shape("scaling", scaling, (x.shape[-1],), "x's last dimension")
     alpha = check_finite_float("alpha", alpha)
-    chosen = _backend.resolve("scaled_index_add", backend, x.device)
+    width = x.shape[-1] if x.dim() > 1 else 1
+    shape_class = backend_table.shape_class(
+        "scaled_index_add",
+        width=width,
+        rows=x.numel() // max(width, 1),
+        dtype=x.dtype,
+        source_dtype=source.dtype,
+    )
+    chosen = _backend.resolve("scaled_index_add", backend, x.device, shape_class)
     samples = with_unit_last_stride(as_samples(source))
     if inplace:
         return _ScaledIndexAddInPlace.apply(x, index, samples, scaling, alpha, chosen)
@@ -142,9 +152,16 @@ def _scaled_index_add(
     """``x: [B, N, C]``, ``source: [k, N, C]`` (unit stride along C) -> new ``[B, N, C]``."""
     if backend == "torch":
         return _torch_add(x.to(torch.float32, copy=True), index, source, scaling, alpha).to(x.dtype)
+    if backend == "cuda":
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _cuda_fwd(x, out, index, source, scaling, alpha, inplace=False)
+        return out
     from dinov2_fast.kernels import scaled_index_add as kernels
 
-    return kernels.scaled_index_add_fwd(x, index, source, scaling, alpha, inplace=False)
+    # The Triton kernels read the index as contiguous; the CUDA ones take its stride.
+    return kernels.scaled_index_add_fwd(
+        x, index.contiguous(), source, scaling, alpha, inplace=False
+    )
 
 
 @_scaled_index_add.register_fake
@@ -167,9 +184,12 @@ def _scaled_index_add_inplace(
         updated = _torch_add(x.index_select(0, picked).float(), None, source, scaling, alpha)
         x.index_copy_(0, picked, updated.to(x.dtype))
         return
+    if backend == "cuda":
+        _cuda_fwd(x, x, index, source, scaling, alpha, inplace=True)
+        return
     from dinov2_fast.kernels import scaled_index_add as kernels
 
-    kernels.scaled_index_add_fwd(x, index, source, scaling, alpha, inplace=True)
+    kernels.scaled_index_add_fwd(x, index.contiguous(), source, scaling, alpha, inplace=True)
 
 
 @_scaled_index_add_inplace.register_fake
@@ -197,11 +217,15 @@ def _scaled_index_add_bwd(
         grad_scaling = None
         if need_scaling:
             grad_scaling = ((picked * source.float()).sum((0, 1)) * alpha).to(scaling.dtype)
+    elif backend == "cuda":
+        grad_source, grad_scaling = _cuda_bwd(
+            grad, index, source, scaling, alpha, need_source, need_scaling
+        )
     else:
         from dinov2_fast.kernels import scaled_index_add as kernels
 
         grad_source, grad_scaling = kernels.scaled_index_add_bwd(
-            grad, index, source, scaling, alpha, need_source, need_scaling
+            grad, index.contiguous(), source, scaling, alpha, need_source, need_scaling
         )
     absent = lambda g: source.new_empty(0) if g is None else g  # noqa: E731
     return absent(grad_source), absent(grad_scaling)
@@ -273,3 +297,72 @@ def _grads(ctx, grad, grad_samples):
         None,
         None,
     )
+
+
+# --- the CUDA backend (csrc/scaled_index_add.cu) -------------------------------------------------
+
+
+def _cuda_fwd(x, out, index, source, scaling, alpha, *, inplace):
+    """``out = x`` plus the scaled source at index; ``x, out: [B, N, C]``, ``source: [k, N, C]``,
+    unit stride along C (16-byte vectors where pointers and strides allow). In place (``out`` is
+    x) only the k indexed samples are written."""
+    ext = _backend.cuda_extension()
+    batch, tokens, dim = x.shape
+    samples = index.shape[0]
+    # Out of place with many indices only: the kernel otherwise finds each tile's partners itself.
+    size = 0 if inplace else ext.inverse_index_workspace_size(samples, batch)
+    workspace = x.new_empty(size, dtype=torch.int32)
+    scaling = None if scaling is None else scaling.contiguous()
+    with _backend.on_device(x.device):
+        ext.scaled_index_add_fwd(
+            x.data_ptr(), out.data_ptr(), source.data_ptr(), _address(scaling),
+            index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
+            _address(workspace), batch, samples, tokens, dim, alpha,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            source.stride(0), source.stride(1), inplace,
+            DTYPE_TAGS[x.dtype], DTYPE_TAGS[source.dtype], _dtype_tag(scaling),
+            _backend.cuda_stream(x.device),
+        )  # fmt: skip
+
+
+def _cuda_bwd(grad, index, source, scaling, alpha, need_source, need_scaling):
+    """``(grad_source, grad_scaling)`` as the Triton backward returns them (None when not needed);
+    grad_scaling's partial rows make it the same bits run to run."""
+    ext = _backend.cuda_extension()
+    samples, tokens, dim = source.shape
+    need_scaling = need_scaling and scaling is not None
+    grad_source = (
+        torch.empty((samples, tokens, dim), dtype=source.dtype, device=source.device)
+        if need_source
+        else None
+    )
+    grad_scaling = scaling.new_empty(dim) if need_scaling else None
+    if not (need_source or need_scaling):
+        return None, None
+    device = _backend.device_index(grad.device)
+    partial = None
+    if need_scaling:
+        scaling = scaling.contiguous()
+        rows = ext.scaled_index_add_bwd_partial_rows(samples, tokens, dim, device)
+        partial = grad.new_empty(rows * dim, dtype=torch.float32)
+    with _backend.on_device(grad.device):
+        ext.scaled_index_add_bwd(
+            grad.data_ptr(), source.data_ptr(), _address(scaling),
+            index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
+            _address(grad_source), _address(grad_scaling), _address(partial),
+            samples, tokens, dim, alpha,
+            grad.stride(0), grad.stride(1), source.stride(0), source.stride(1),
+            *((grad_source.stride(0), grad_source.stride(1)) if need_source else (0, 0)),
+            DTYPE_TAGS[grad.dtype], DTYPE_TAGS[source.dtype], _dtype_tag(scaling),
+            device, _backend.cuda_stream(grad.device),
+        )  # fmt: skip
+    return grad_source, grad_scaling
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    """The device address the launchers take; 0 for an absent or empty tensor."""
+    return 0 if tensor is None or tensor.numel() == 0 else tensor.data_ptr()
+
+
+def _dtype_tag(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else DTYPE_TAGS[tensor.dtype]
