@@ -150,7 +150,7 @@ def _dense():
         (lambda: attention(_dense(), _dense(), _dense(), scale=0.0), ValueError, "scale must be"),
         (lambda: attention(_dense(), _dense(), _dense(), scale="x"), TypeError, "scale must be"),
         (lambda: attention(_dense(), _dense(), _dense(), max_seqlen=5), ValueError, "max_seqlen is only for packed"),
-        (lambda: attention(_dense(), _dense(), _dense(), backend="cuda"), ValueError, "no attention kernel"),
+        (lambda: attention(_dense(), _dense(), _dense(), backend="cuda"), RuntimeError, "backend='cuda'"),
         (lambda: attention_qkvpacked(torch.randn(2, 5, 2, 3, 32)), ValueError, "3 in dim -3"),
         (lambda: memory_efficient_attention(_dense(), _dense(), _dense(), p=0.1), ValueError, "dropout"),
         (lambda: memory_efficient_attention(_dense(), _dense(), _dense(), attn_bias=torch.zeros(5, 5)), TypeError, "attn_bias must be"),

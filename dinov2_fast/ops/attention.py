@@ -21,8 +21,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from dinov2_fast import _backend
+from dinov2_fast import _backend, backend_table
 from dinov2_fast.ops._checks import (
+    DTYPE_TAGS,
     check_float_dtype,
     check_same_device,
     check_tensor,
@@ -34,6 +35,8 @@ __all__ = ["attention", "attention_qkvpacked", "memory_efficient_attention", "HE
 
 # Head dims the kernels are built for (80 is ViT-H; it is padded to 128 in registers only).
 HEAD_DIMS = (32, 64, 80, 96, 128)
+# The CUDA kernels run on the tensor cores' 16-bit inputs only.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_GRID_AXIS = 65535
 
 
@@ -60,7 +63,8 @@ def attention(
             reuses one); :class:`BlockDiagonalMask` with :func:`memory_efficient_attention` or
             :class:`dinov2_fast.nn.Attention` never syncs.
         max_seqlen: the longest segment (derived from cu_seqlens when None).
-        backend: "auto", "triton" or "torch" ("cuda" has no attention kernel yet).
+        backend: "auto", "triton", "cuda" or "torch". "cuda" (the compiled FlashAttention-2
+            kernels) takes float16 and bfloat16 only; "auto" never picks it for float32.
 
     Returns:
         ``[B, N, H, D]`` (or ``[T, H, D]``) in q's dtype, ready for the output projection.
@@ -234,7 +238,21 @@ def _run(q, k, v, qkv, scale, cu_seqlens, max_seqlen, backend: str) -> torch.Ten
         segments = _segments(cu_seqlens, max_seqlen, q.shape[0], q.device)
     elif max_seqlen is not None:
         raise ValueError("max_seqlen is only for packed input: pass cu_seqlens too")
-    chosen = _backend.resolve("attention", backend, q.device)
+    shape_class = backend_table.shape_class(
+        "attention",
+        head_dim=head_dim,
+        seqlen=q.shape[1] if segments is None else segments[2],
+        packed=segments is not None,
+        dtype=q.dtype,
+    )
+    chosen = _backend.resolve("attention", backend, q.device, shape_class)
+    if chosen == "cuda" and q.dtype not in CUDA_DTYPES:
+        if backend != "auto":
+            raise TypeError(
+                f"backend='cuda' attention takes float16 or bfloat16 (tensor-core kernels), got "
+                f"{q.dtype}; use backend='triton' or 'torch' for it"
+            )
+        chosen = "triton" if not _backend.unavailable_reason("triton", q.device) else "torch"
     if chosen != "torch" and head_dim not in HEAD_DIMS:
         raise ValueError(
             f"head dim D must be one of {', '.join(map(str, HEAD_DIMS))} for backend={chosen!r}, "
@@ -293,7 +311,10 @@ def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
     return (q.shape[0], q.shape[2], q.shape[1]) if q.dim() == 4 else (q.shape[1], q.shape[0])
 
 
-def _kernels():
+def _kernels(backend: str):
+    """The launchers of ``backend``: Triton's module, or this module's CUDA glue (same API)."""
+    if backend == "cuda":
+        return _CudaLaunchers
     from dinov2_fast.kernels import attention as kernels
 
     return kernels
@@ -310,7 +331,7 @@ def _attention_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the output (q's shape, contiguous) and the fp32 log-sum-exp of each query row."""
-    return _kernels().attention_fwd(q, k, v, scale, cu_seqlens, max_seqlen)
+    return _kernels(backend).attention_fwd(q, k, v, scale, cu_seqlens, max_seqlen)
 
 
 @_attention_fwd.register_fake
@@ -334,7 +355,7 @@ def _attention_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-    _kernels().attention_bwd(do, q, k, v, out, lse, scale, *grads, cu_seqlens, max_seqlen)
+    _kernels(backend).attention_bwd(do, q, k, v, out, lse, scale, *grads, cu_seqlens, max_seqlen)
     return tuple(grads)
 
 
@@ -352,7 +373,7 @@ def _attention_qkvpacked_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v are read in place from qkv (dim -3)."""
-    return _kernels().attention_fwd(*qkv.unbind(-3), scale, cu_seqlens, max_seqlen)
+    return _kernels(backend).attention_fwd(*qkv.unbind(-3), scale, cu_seqlens, max_seqlen)
 
 
 @_attention_qkvpacked_fwd.register_fake
@@ -374,7 +395,7 @@ def _attention_qkvpacked_bwd(
 ) -> torch.Tensor:
     """dq, dk and dv are written into one dqkv tensor of qkv's shape."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    _kernels().attention_bwd(
+    _kernels(backend).attention_bwd(
         do, *qkv.unbind(-3), out, lse, scale, *dqkv.unbind(-3), cu_seqlens, max_seqlen
     )
     return dqkv
@@ -423,3 +444,78 @@ def _backward_qkvpacked(ctx, d_out, _d_lse):
 
 _attention_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 _attention_qkvpacked_fwd.register_autograd(_backward_qkvpacked, setup_context=_setup_qkvpacked)
+
+
+# --- the CUDA backend's glue ---------------------------------------------------------------------
+
+
+def _copyable(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the CUDA kernels can read it with 16-byte copies (aligned start, strides
+    multiples of 8 elements), else a contiguous copy."""
+    if t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1]):
+        return t
+    return t.contiguous()
+
+
+def _token_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(b, n, h) strides of a [B, N, H, D] tensor, or (0, t, h) of a [T, H, D] one."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _addresses_and_strides(tensors, varlen: bool) -> list:
+    """``[t.data_ptr(), (b, n, h) strides]`` for each tensor, flattened: the launchers' order."""
+    return [arg for t in tensors for arg in (t.data_ptr(), _token_strides(t, varlen))]
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(b, h) strides of lse [B, H, N], or (0, h) of [H, T]; unit stride along tokens."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _cuda_shape(q: torch.Tensor, cu_seqlens, max_seqlen, scale: float) -> dict:
+    varlen = cu_seqlens is not None
+    return dict(
+        cu_seqlens=cu_seqlens.data_ptr() if varlen else 0,
+        batch=cu_seqlens.shape[0] - 1 if varlen else q.shape[0],
+        seqlen=max_seqlen if varlen else q.shape[1],
+        heads=q.shape[-2],
+        head_dim=q.shape[-1],
+        scale=scale,
+        dtype=DTYPE_TAGS[q.dtype],
+        stream=_backend.cuda_stream(q.device),
+    )
+
+
+class _CudaLaunchers:
+    """``attention_fwd`` / ``attention_bwd`` with the Triton launchers' signatures, running the
+    kernels of csrc/attention_fwd.cu and csrc/attention_bwd.cu."""
+
+    @staticmethod
+    def attention_fwd(q, k, v, scale, cu_seqlens, max_seqlen):
+        varlen = cu_seqlens is not None
+        q, k, v = (_copyable(t) for t in (q, k, v))
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = q.new_empty(_lse_shape(q), dtype=torch.float32)
+        ext = _backend.cuda_extension()
+        with _backend.on_device(q.device):
+            ext.attention_fwd(
+                *_addresses_and_strides((q, k, v, out), varlen),
+                lse.data_ptr(), _lse_strides(lse, varlen),
+                **_cuda_shape(q, cu_seqlens, max_seqlen, scale),
+            )  # fmt: skip
+        return out, lse
+
+    @staticmethod
+    def attention_bwd(do, q, k, v, out, lse, scale, dq, dk, dv, cu_seqlens, max_seqlen):
+        varlen = cu_seqlens is not None
+        do, q, k, v, out = (_copyable(t) for t in (do, q, k, v, out))
+        lse = lse.contiguous()  # as attention_fwd returns it: no copy
+        delta = torch.empty_like(lse)
+        ext = _backend.cuda_extension()
+        with _backend.on_device(q.device):
+            ext.attention_bwd(
+                *_addresses_and_strides((do, q, k, v, out), varlen),
+                lse.data_ptr(), delta.data_ptr(), _lse_strides(lse, varlen),
+                *_addresses_and_strides((dq, dk, dv), varlen),
+                **_cuda_shape(q, cu_seqlens, max_seqlen, scale),
+            )  # fmt: skip
