@@ -5,22 +5,38 @@
 #
 #   bash bench/gpu_check.sh              everything; files go to $OUT, or bench/out/ when OUT is unset
 #   bash bench/gpu_check.sh --dry-run    (or GPU_CHECK_DRY=1) no GPU steps: the CLI, --quick CPU
-#                                        benches and the summary, to check the plumbing without a GPU
+#                                        benches, sanitize's and tune's lists of what they would
+#                                        run, and the summary, to check the plumbing without a GPU
 #   GPU_CHECK_STEPS="tests block" bash bench/gpu_check.sh
-#                                        only these steps (default: all), in the usual order, of:
-#                                        info tests layernorm attention stochastic-depth block
-#                                        head-loss model train-step sharded (build always runs;
-#                                        info includes nvidia-smi)
+#                                        only these steps (default: all but cuda-tests, which
+#                                        tests covers), in the usual order, of: info tests
+#                                        cuda-tests sanitize layernorm attention stochastic-depth
+#                                        block head-loss model train-step tune sharded (build
+#                                        always runs; info includes nvidia-smi)
+#   GPU_CHECK_STEPS="cuda-tests sanitize attention stochastic-depth tune" bash bench/gpu_check.sh
+#                                        the checks of the CUDA backend alone
 #   GPU_CHECK_CUDA=0                     build without the CUDA extension (saves ~40 s when no
 #                                        chosen step needs backend='cuda')
 #   GPU_CHECK_TESTS="tests/test_block.py"   the GPU tests to run (default: all of tests/)
+#   GPU_CHECK_SANITIZE_TOOLS="memcheck"  the compute-sanitizer tools of step sanitize (default:
+#                                        memcheck racecheck synccheck); COMPUTE_SANITIZER: its path
 #
-# Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, bench.log (every benchmark's
-# output), NAME.json per benchmark, train-step.png, summary.txt. Every step has a time limit, and
-# all of them together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8 minutes). Each
-# benchmark asks for a share (layernorm 100 s, attention 150 s, stochastic-depth 75 s, block 150 s,
-# head-loss 90 s, model 120 s, train-step 300 s) and keeps what the later ones ask for while that
-# leaves it a third of what is left; it stops starting measurements in time to write its JSON.
+# Steps of the CUDA backend: cuda-tests runs the GPU tests whose names say cuda (pytest -m gpu -k
+# cuda; junit in cuda-tests.xml). sanitize runs bench/sanitize_cuda.py (each op with a CUDA kernel
+# forward and backward once, backend='cuda', tiny odd shapes) under compute-sanitizer, once per
+# tool, instrumenting only our kernels (--kernel-name kns=dinov2_fast, their namespace) and
+# failing on any error it reports (sanitize-TOOL.log). tune runs `dinov2-fast bench tune --out
+# $OUT/backend_table.json`: the measured table of backend='auto', to commit as
+# dinov2_fast/backend_table_h100.json when it ran on an H100.
+#
+# Files written: build.log, info.json, gpu-tests.xml, gpu-tests.log, cuda-tests.xml,
+# cuda-tests.log, sanitize-TOOL.log, bench.log (every benchmark's output), NAME.json per
+# benchmark, train-step.png, backend_table.json, tune.log, summary.txt. Every step has a time
+# limit, and all of them together stay within GPU_CHECK_BUDGET_S (default 470 s: under 8
+# minutes). Each benchmark asks for a share (layernorm 100 s, attention 150 s, stochastic-depth
+# 75 s, block 150 s, head-loss 90 s, model 120 s, train-step 300 s, and likewise sanitize 240 s,
+# tune 150 s) and keeps what the later ones ask for while that leaves it a third of what is
+# left; it stops starting measurements in time to write its JSON.
 # head-loss times the DINO head + loss at 2816 rows, K = 65536 and 131072 (its torch.compile rows
 # start only with 30 s of its limit left). train-step times the
 # trainer's whole step at ViT-L/14 and 32 images (--arch vit_large --batch 32) and draws
@@ -53,8 +69,10 @@ done
 BENCHES=(layernorm attention stochastic-depth block head-loss model train-step)
 declare -A BENCH_S=([layernorm]=100 [attention]=150 [stochastic-depth]=75 [block]=150
     [head-loss]=90 [model]=120 [train-step]=300)
-KNOWN_STEPS="build info tests ${BENCHES[*]} sharded"
-STEPS="${GPU_CHECK_STEPS:-$KNOWN_STEPS}"
+# Steps outside the benchmarks that share the budget the same way, and the seconds each asks for.
+declare -A STEP_S=([sanitize]=240 [tune]=150)
+KNOWN_STEPS="build info tests cuda-tests sanitize ${BENCHES[*]} tune sharded"
+STEPS="${GPU_CHECK_STEPS:-${KNOWN_STEPS/ cuda-tests/}}"
 for name in $STEPS; do
     if [[ " $KNOWN_STEPS " != *" $name "* ]]; then
         echo "gpu_check.sh: unknown step in GPU_CHECK_STEPS: $name (known: $KNOWN_STEPS)" >&2
@@ -71,6 +89,9 @@ PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 BUILD_CUDA="${GPU_CHECK_CUDA:-1}"
 TEST_PATHS="${GPU_CHECK_TESTS:-tests}"
+SANITIZE_TOOLS="${GPU_CHECK_SANITIZE_TOOLS:-memcheck racecheck synccheck}"
+SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer ||
+    echo /usr/local/cuda/bin/compute-sanitizer)}"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 CLI=("$PYTHON" -m dinov2_fast.cli)
 
@@ -84,8 +105,12 @@ for name in "${BENCHES[@]}"; do
 done
 # Logs are appended to step by step: start them empty, and drop the old reports of the benchmarks
 # this run makes again (a report that is not written this time must not pass for a new one).
-rm -f "$OUT_DIR/build.log" "$OUT_DIR/gpu-tests.log" "$OUT_DIR/bench.log"
+rm -f "$OUT_DIR/build.log" "$OUT_DIR/gpu-tests.log" "$OUT_DIR/bench.log" "$OUT_DIR/cuda-tests.log" \
+    "$OUT_DIR/tune.log" "$OUT_DIR"/sanitize-*.log
 rm -rf "$OUT_DIR/sharded"
+if wanted tune; then
+    rm -f "$OUT_DIR/backend_table.json"
+fi
 for name in "${RUN_BENCHES[@]}"; do
     rm -f "$OUT_DIR/$name.json" "$OUT_DIR/$name.png"
 done
@@ -108,6 +133,41 @@ share() {
     local want="$1" reserve="${2:-0}" left=$((BUDGET_S - SECONDS))
     local most=$((left - reserve > left / 3 ? left - reserve : left / 3))
     echo $((most < want ? most : want))
+}
+
+# asked_after NAME: the seconds the chosen benchmarks and budgeted steps after NAME ask for.
+ORDERED=(sanitize "${BENCHES[@]}" tune)
+asked_after() {
+    local total=0 seen=0 next
+    for next in "${ORDERED[@]}"; do
+        if ((seen)) && wanted "$next"; then
+            total=$((total + ${BENCH_S[$next]:-${STEP_S[$next]:-0}}))
+        fi
+        if [[ "$next" == "$1" ]]; then
+            seen=1
+        fi
+    done
+    echo "$total"
+}
+
+# sanitize_filter: sets FILTER to compute-sanitizer's options that instrument only our kernels (the
+# kns= substring "dinov2_fast"), in the spelling this version takes; none if
+# it has no kernel filter (then torch's kernels are checked too, only slower).
+sanitize_filter() {
+    FILTER=()
+    local help option=""
+    help="$("$SANITIZER" --help 2>&1 || true)"
+    if grep -qE -- '--kernel-name( |$)' <<<"$help"; then
+        option=--kernel-name
+    elif grep -qE -- '--kernel-regex( |$)' <<<"$help"; then
+        option=--kernel-regex
+    fi
+    if [[ -z "$option" ]]; then
+        return 0
+    fi
+    # One substring that every kernel of csrc/ has (its namespace, mangled or not) and torch's and
+    # Triton's do not: whether repeated filters combine as "any" differs between versions.
+    FILTER=("$option" "kns=dinov2_fast")
 }
 
 # bench_limit LIMIT: the --time-limit of a benchmark step of LIMIT seconds, leaving time to start
@@ -164,12 +224,23 @@ if [[ "$DRY" == 1 ]]; then
     if wanted info; then
         step "info" 60 - "${CLI[@]}" info --json "$OUT_DIR/info.json"
     fi
+    if wanted cuda-tests; then
+        STATUS+=("skipped cuda-tests: needs a GPU (dry run)")
+    fi
+    if wanted sanitize; then
+        step "sanitize: the kernels and cases it would check (no GPU)" 60 - \
+            "$PYTHON" bench/sanitize_cuda.py --list
+    fi
     for name in "${RUN_BENCHES[@]}"; do
         bench_args "$name"
         step "bench $name --quick (CPU)" 120 "$OUT_DIR/bench.log" \
             "${CLI[@]}" bench "$name" --quick --device cpu --json "$OUT_DIR/$name.json" \
             ${ARGS[@]+"${ARGS[@]}"}
     done
+    if wanted tune; then
+        step "bench tune --plan (what it would time; no GPU)" 60 "$OUT_DIR/tune.log" \
+            "${CLI[@]}" bench tune --plan
+    fi
     if wanted sharded; then
         step "sharded train (torchrun, 1 process, demo preset, CPU)" 180 "$OUT_DIR/bench.log" \
             "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
@@ -194,18 +265,49 @@ else
             "$PYTHON" -m pytest -m gpu $TEST_PATHS -q -p no:cacheprovider --maxfail=15 --junitxml="$OUT_DIR/gpu-tests.xml"
         tail -n 3 "$OUT_DIR/gpu-tests.log" 2>/dev/null || true
     fi
+    if wanted cuda-tests; then
+        # shellcheck disable=SC2086 # GPU_CHECK_TESTS is a list of paths
+        step "CUDA backend's GPU tests (pytest -m gpu -k cuda $TEST_PATHS)" 150 \
+            "$OUT_DIR/cuda-tests.log" "$PYTHON" -m pytest -m gpu -k cuda $TEST_PATHS -q \
+            -p no:cacheprovider --maxfail=15 --junitxml="$OUT_DIR/cuda-tests.xml"
+        tail -n 3 "$OUT_DIR/cuda-tests.log" 2>/dev/null || true
+    fi
+    if wanted sanitize; then
+        if [[ ! -x "$SANITIZER" ]]; then
+            STATUS+=("FAILED  sanitize: compute-sanitizer not found (set COMPUTE_SANITIZER)")
+            FAILED=1
+        else
+            sanitize_filter
+            read -ra tools <<<"$SANITIZE_TOOLS"
+            limit=$(share "${STEP_S[sanitize]}" "$(asked_after sanitize)")
+            which="our $((${#FILTER[@]} / 2)) kernels"
+            if ((${#FILTER[@]} == 0)); then
+                which="every kernel: this compute-sanitizer has no kernel filter"
+            fi
+            for tool in "${tools[@]}"; do
+                # PYTORCH_NO_CUDA_MEMORY_CACHING: one allocation per tensor, so that memcheck sees
+                # an access past a tensor's end instead of into the allocator's next block.
+                step "sanitize $tool ($which)" $((limit / ${#tools[@]})) \
+                    "$OUT_DIR/sanitize-$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+                    "$SANITIZER" --tool "$tool" --error-exitcode 1 --report-api-errors no \
+                    ${FILTER[@]+"${FILTER[@]}"} "$PYTHON" bench/sanitize_cuda.py
+            done
+        fi
+    fi
     for i in "${!RUN_BENCHES[@]}"; do
         name="${RUN_BENCHES[$i]}"
-        later=0
-        for next in "${RUN_BENCHES[@]:i+1}"; do
-            later=$((later + BENCH_S[$next]))
-        done
-        limit=$(share "${BENCH_S[$name]}" "$later")
+        limit=$(share "${BENCH_S[$name]}" "$(asked_after "$name")")
         bench_args "$name"
         step "bench $name" "$limit" "$OUT_DIR/bench.log" \
             "${CLI[@]}" bench "$name" --time-limit "$(bench_limit "$limit")" \
             --json "$OUT_DIR/$name.json" ${ARGS[@]+"${ARGS[@]}"}
     done
+    if wanted tune; then
+        limit=$(share "${STEP_S[tune]}" 0)
+        step "bench tune (the table of backend='auto')" "$limit" "$OUT_DIR/tune.log" \
+            "${CLI[@]}" bench tune --out "$OUT_DIR/backend_table.json" \
+            --time-limit "$(bench_limit "$limit")"
+    fi
     if wanted sharded; then
         step "sharded train (torchrun, 1 process, vitl14, 3 steps)" 240 "$OUT_DIR/bench.log" \
             "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
@@ -240,6 +342,30 @@ PY
             echo "no benchmark report: $OUT_DIR/$name.json is missing"
         fi
     done
+    if wanted tune && [[ -f "$OUT_DIR/backend_table.json" ]]; then
+        "$PYTHON" - "$OUT_DIR/backend_table.json" <<'PY' || true
+import json
+import sys
+from collections import Counter
+
+from dinov2_fast.backend_table import BackendTable
+
+table = json.load(open(sys.argv[1]))
+loaded = BackendTable(sys.argv[1], table)
+picks, rejected = Counter(), set()
+for op, classes in table["ops"].items():
+    for name, records in classes.items():
+        measured = list(dict.fromkeys(b for r in records for b in r.get("graph_ms", {})))
+        picks[f"{op} -> {loaded.decide(op, name, measured) or 'unmeasured'}"] += 1
+        for record in records:
+            rejected |= {f"{op}/{b}: {why}" for b, why in record.get("rejected", {}).items()}
+print(f"tune: {sum(picks.values())} shape classes on {table['device']} in {table['seconds']} s, "
+      f"{len(table['not_measured'])} left out; auto picks (classes): "
+      + ", ".join(f"{pick} ({count})" for pick, count in sorted(picks.items())))
+for line in sorted(rejected)[:12]:
+    print(f"  rejected {line}")
+PY
+    fi
     if wanted sharded && [[ -f "$OUT_DIR/sharded/summary.json" ]]; then
         echo "sharded train: $(cat "$OUT_DIR/sharded/summary.json" | tr -d '\n' | tr -s ' ')"
     fi

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from dinov2_fast import _backend
+from dinov2_fast import _backend, backend_table
 
 __all__ = [
     "OPTIONAL_LIBRARIES",
@@ -36,6 +36,7 @@ OPTIONAL_LIBRARIES = {
 ENVIRONMENT_VARIABLES = (
     "TRITON_INTERPRET",
     _backend.ENV_BACKEND,
+    backend_table.ENV_TABLE,
     "CUDA_VISIBLE_DEVICES",
     "DINOV2_FAST_CUDA",
 )

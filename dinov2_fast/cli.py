@@ -10,6 +10,11 @@
         with --shapes every benchmark whose form of shapes it is); --arch to --drop-path
         configure the model and train-step benchmarks, --source the model benchmark only, --plot
         (a bar chart: png, pdf or svg) the train-step benchmark only
+    dinov2-fast bench tune [--out PATH | --ship] [--dtype bf16|fp16|fp32] [--time-limit S]
+                           [--quick] [--plan] [--quiet]
+        time every op's backends at each shape class on this GPU and write the table that
+        backend="auto" chooses by (default: the per-user cache file of this GPU; --ship: the
+        H100 defaults shipped in the package, from a checkout); --plan lists what it would time
     dinov2-fast report PATH [--headline]
         print the tables of a report that ``bench --json`` wrote
     dinov2-fast train [--config demo|vits14|vitb14|vitl14|vitg14|FILE] [--data DIR] [--impl ...]
@@ -124,6 +129,27 @@ def _info_data() -> dict[str, Any]:
         "triton_interpreted": _backend.triton_interpreted(),
         "optional_libraries": _environment.optional_libraries(),
         "environment": _environment.environment_variables(),
+        "backend_tables": _backend_tables(),
+    }
+
+
+def _backend_tables() -> dict[str, Any]:
+    """The tables backend='auto' reads on each GPU, first the one that wins (backend_table)."""
+    from dinov2_fast import _environment, backend_table
+
+    return {
+        "shipped": [str(backend_table.shipped_path(name)) for name in backend_table.SHIPPED_TABLES],
+        "gpus": [
+            {
+                "index": gpu["index"],
+                "user_table": str(backend_table.user_table_path(gpu["name"])),
+                "tables": [
+                    {"path": table.origin, "device": table.device, "date": table.data.get("date")}
+                    for table in backend_table.tables_for(gpu["name"], gpu["compute_capability"])
+                ],
+            }
+            for gpu in _environment.gpus()
+        ],
     }
 
 
@@ -148,6 +174,15 @@ def _print_info(data: dict[str, Any]) -> None:
         print(f"  {'':<7} CPU tensors:  {usable(where['cpu'])}")
     if data["triton_interpreted"]:
         print("  (TRITON_INTERPRET=1: Triton kernels run in the interpreter on CPU tensors)")
+    tables = data["backend_tables"]
+    print("measured tables of backend='auto' (dinov2-fast bench tune writes them)")
+    for gpu in tables["gpus"]:
+        print(f"  cuda:{gpu['index']}  the user's table: {gpu['user_table']}")
+        for table in gpu["tables"] or [{"path": "none applies: the fixed order"}]:
+            measured = f" ({table['device']}, {table['date']})" if "device" in table else ""
+            print(f"         {table['path']}{measured}")
+    if not tables["gpus"]:
+        print(f"  no CUDA GPU; shipped: {', '.join(tables['shipped'])}")
     print("optional comparison libraries")
     for name, version in data["optional_libraries"].items():
         print(f"  {name:<18} {version if version is not None else 'not installed'}")
@@ -203,6 +238,10 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from dinov2_fast import benchmark
 
+    if TUNE in args.names:
+        return _cmd_tune(args, parser)
+    if args.out is not None or args.ship or args.plan:
+        parser.error(f"--out, --ship and --plan are options of `dinov2-fast bench {TUNE}`")
     names = list(dict.fromkeys(args.names)) or list(benchmark.REGISTRY)
     for name in names:
         if name not in benchmark.REGISTRY:
@@ -262,7 +301,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     report = benchmark.run(
         names,
         device=device,
-        dtype=benchmark.DTYPES[args.dtype],
+        dtype=benchmark.DTYPES[args.dtype or "bf16"],
         quick=args.quick,
         shapes=shapes,
         compile_on_cpu=args.compile,
@@ -338,6 +377,107 @@ def _plot_train_step(report: dict[str, Any], path: str, *, quiet_stdout: bool) -
     print(f"wrote {written}", file=sys.stderr if quiet_stdout else sys.stdout)
 
 
+# `bench tune`: not a benchmark of the registry (it writes the table of backend="auto").
+TUNE = "tune"
+# The bench options tune takes; any other one given is an error rather than ignored.
+_TUNE_OPTIONS = ("dtype", "device", "quick", "time_limit", "quiet", "out", "ship", "plan")
+
+
+def _cmd_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from dinov2_fast import backend_table
+    from dinov2_fast.benchmark import tune
+
+    if args.names != [TUNE]:
+        parser.error(f"bench {TUNE} runs alone, got: {' '.join(args.names)}")
+    defaults = parser.parse_args(["bench"])  # what each option is when not given
+    given = [
+        "--" + name.replace("_", "-")
+        for name, value in vars(args).items()
+        if name not in (*_TUNE_OPTIONS, "names", "handler", "command")
+        and value != getattr(defaults, name, value)
+    ]
+    if given:
+        parser.error(
+            f"bench {TUNE} takes --out, --ship, --plan, --dtype, --time-limit, --quick and "
+            f"--quiet, not {', '.join(given)}"
+        )
+    if args.time_limit is not None and args.time_limit <= 0:
+        parser.error(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
+    dtypes = [args.dtype] if args.dtype else list(tune.DEFAULT_DTYPES)
+    measurements = tune.plan(dtypes, quick=args.quick)
+    has_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if has_gpu else None
+    if args.plan:
+        _render(tune.plan_table(measurements, device))
+        return 0
+    if args.device == "cpu" or not has_gpu:
+        why = "--device cpu" if args.device == "cpu" else "no CUDA GPU here"
+        parser.error(
+            f"bench {TUNE} needs a CUDA GPU: it times the GPU kernels ({why}); nothing was "
+            f"written (`dinov2-fast bench {TUNE} --plan` lists what it would time)"
+        )
+    name = torch.cuda.get_device_name(device)
+    if args.ship:
+        target = backend_table.shipped_path()
+        if not (target.parent.parent / ".git").exists():
+            parser.error(
+                f"--ship writes {target.name} into a source checkout; {target.parent} is an "
+                "installed package: use --out PATH"
+            )
+        if "H100" not in name:
+            parser.error(
+                f"--ship writes the H100 defaults ({target.name}); this GPU is {name}: use "
+                "--out PATH, or the default per-user table"
+            )
+    else:
+        target = Path(args.out) if args.out is not None else backend_table.user_table_path(name)
+    table = tune.run(
+        device,
+        dtypes=dtypes,
+        quick=args.quick,
+        time_limit_s=args.time_limit,
+        progress=None if args.quiet else _progress,
+        measurements=measurements,
+    )
+    _render(tune.summary_table(table, device))
+    written = backend_table.write(table, target)
+    backend_table.reload()  # this process's "auto" reads the new table too
+    print(f"wrote {written} ({len(measurements) - len(table['not_measured'])} measurements)")
+    if args.out is not None and not args.ship:
+        print(
+            f"backend='auto' reads it with {backend_table.ENV_TABLE}={written}, or copied to "
+            f"{backend_table.user_table_path(name)}"
+        )
+    return 0
+
+
+def _add_tune_options(bench: argparse.ArgumentParser) -> None:
+    group = bench.add_argument_group(
+        f"bench {TUNE}: the table of backend='auto'",
+        "times every op's backends (triton, cuda, torch, where they run) forward+backward at "
+        "DINOv2's shapes, one or more per shape class, as CUDA-graph replays, and writes the "
+        "table that backend='auto' chooses by. Needs a CUDA GPU; about a minute on an H100.",
+    )
+    where = group.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        metavar="PATH",
+        help="write the table here (default: the per-user table of this GPU, "
+        "~/.cache/dinov2_fast/backend_table-<GPU>.json, which auto reads)",
+    )
+    where.add_argument(
+        "--ship",
+        action="store_true",
+        help="write the H100 defaults shipped in the package (dinov2_fast/backend_table_h100.json"
+        "), from a source checkout on an H100",
+    )
+    group.add_argument(
+        "--plan", action="store_true", help="list the measurements and exit (no GPU needed)"
+    )
+
+
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         report = json.loads(Path(args.path).read_text())
@@ -386,7 +526,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument(
-        "names", nargs="*", metavar="NAME", help=f"which ({', '.join(REGISTRY)}); default: all"
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"which ({', '.join(REGISTRY)}); default: all. `bench {TUNE}` (alone) writes the "
+        "table of backend='auto' instead",
     )
     bench.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout only)")
     bench.add_argument(
@@ -394,7 +538,9 @@ def _parser() -> argparse.ArgumentParser:
         help="replace the default shapes, in the benchmark's form (below); without NAME, run the "
         "benchmarks whose form it is",
     )
-    bench.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="default: bf16")
+    bench.add_argument(
+        "--dtype", choices=list(DTYPES), help="default: bf16 (bench tune: bf16, then fp16)"
+    )
     bench.add_argument(
         "--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is present, else cpu"
     )
@@ -415,6 +561,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     _add_model_options(bench)
+    _add_tune_options(bench)
     bench.set_defaults(handler=_cmd_bench)
 
     report = commands.add_parser(

@@ -58,6 +58,9 @@ def test_cli_quick_on_cpu_times_fast_and_baseline_and_draws_them(quick_report, c
         if row["compiled"]:  # torch.compile on the CPU only with --compile
             assert row["status"] == "skipped" and "slow to compile" in row["note"]
             continue
+        if PROVIDER[row["provider"]].gpu_kernel:  # fast/triton, fast/cuda: GPU kernels only
+            assert row["status"] == "not timed" and "no CUDA GPU" in row["note"], row
+            continue
         assert row["status"] == "ok" and row["check"] == "ok", row
         assert row["steps"] == bench.SMALL_STEPS and row["ms_min"] <= row["ms"] <= row["ms_max"]
         assert row["images_per_s"] == pytest.approx(4 / (row["ms"] * 1e-3))
@@ -129,6 +132,23 @@ def test_training_config_sets_the_provider_s_implementation():
     )
     assert fast.train.batch_size_per_gpu == 4 and fast.crops.global_crops_size == 32
     assert fast.student.drop_path_rate == 0.1 and fast.train.num_workers == 0
+    for backend in ("triton", "cuda"):  # the fast implementation once per kernel backend
+        named = bench.training_config(config, PROVIDER[f"fast/{backend}"])
+        assert (named.compute.impl, named.compute.backend) == ("fast", backend)
+
+
+def test_a_kernel_backend_without_every_backbone_kernel_is_skipped(monkeypatch):
+    from dinov2_fast import _backend
+
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda backend, device: "")
+    cuda = torch.device("cuda")
+    preference = {**_backend.AUTO_PREFERENCE, "index_select_cat": ("triton", "torch")}
+    monkeypatch.setattr(_backend, "AUTO_PREFERENCE", preference)
+    status = bench.provider_status(PROVIDER["fast/cuda"], cuda, torch.bfloat16)
+    assert status == ("skipped", "no cuda kernel yet for index_select_cat")
+    assert bench.provider_status(PROVIDER["fast/triton"], cuda, torch.bfloat16) == ("ok", "")
+    cpu = bench.provider_status(PROVIDER["fast/cuda"], torch.device("cpu"), torch.bfloat16)
+    assert cpu[0] == "not timed"
 
 
 def test_the_synthetic_batch_has_the_trainer_s_shapes_and_is_seeded():
@@ -174,7 +194,7 @@ def test_a_non_finite_loss_fails_the_row(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(trainer, "training_step", nan_ibot)
     records, _ = bench.run(_cpu_context())
-    timed = [r for r in records if not r["compiled"]]
+    timed = [r for r in records if not r["compiled"] and r["status"] != "not timed"]
     assert [r["provider"] for r in timed] == ["fast", "baseline"]
     for row in timed:
         assert row["status"] == "error", row
@@ -336,7 +356,9 @@ def test_gpu_quick_run_measures_peak_and_resident_memory():
     )
     records, _ = bench.run(context)
     timed = [r for r in records if r["status"] == "ok"]
-    assert {r["provider"] for r in timed} >= {"fast", "baseline"}
+    assert {r["provider"] for r in timed} >= {"fast", "fast/triton", "baseline"}
+    named = {r["provider"]: r for r in records}["fast/cuda"]  # timed, or skipped saying why
+    assert named["status"] == "ok" or (named["status"] == "skipped" and named["note"]), named
     for record in timed:
         assert record["dtype"] == "bf16" and record["check"] == "ok", record
         assert record["peak_MiB"] > record["resident_MiB"] > 0

@@ -138,7 +138,7 @@ def test_bench_attention_quick_on_cpu_times_torch_and_not_the_kernels(attention_
         assert row["peak_MiB"] is None  # CUDA only
     packed = [r for r in torch_rows if r["packed"]]
     assert packed and all(r["calls"] == 2 and len(r["groups"]) == 2 for r in packed)
-    for name in ("triton", "triton-memeff", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient"):
+    for name in ("triton", "cuda", "triton-memeff", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient"):
         rows = [r for r in results if r["provider"] == name]
         assert rows and all(r["status"] == "not timed" and r["ms"] is None for r in rows)
         assert all("no CUDA GPU" in r["note"] for r in rows)
@@ -193,6 +193,9 @@ def test_bench_stochastic_depth_quick_on_cpu_times_the_torch_paths(stochastic_de
     assert bytes_of[("scaled_index_add", "fwd")] == 2 * big * 4 + kept * 2
     assert bytes_of[("scaled_index_add", "fwd+bwd")] == 2 * big * 4 + kept * (4 + 3 * 2)
     assert bytes_of[("scaled_index_add_inplace", "fwd")] == kept * (2 * 4 + 2)
+    for provider in ("triton", "cuda"):  # each backend by name: GPU only
+        rows = [r for r in results if r["provider"] == provider]
+        assert rows and all(r["status"] == "not timed" and r["ours"] for r in rows)
     compiled = [r for r in results if r["provider"] == "torch.compile"]
     assert compiled and all(r["status"] == "skipped" for r in compiled)
     assert main(["report", str(path), "--headline"]) == 0
@@ -287,6 +290,36 @@ def test_gpu_records_have_graph_times_and_peak_memory():
     for record in records:
         assert record["status"] == "ok" and record["check"] == "ok", record
         assert record["peak_MiB"] > 0 and record["graph_ms"] is not None, record
+
+
+def test_a_backend_of_ours_without_a_kernel_for_the_op_is_skipped(monkeypatch):
+    from dinov2_fast import _backend
+
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda backend, device: "")
+    preference = {**_backend.AUTO_PREFERENCE, "attention": ("triton", "torch")}
+    monkeypatch.setattr(_backend, "AUTO_PREFERENCE", preference)
+    cuda = torch.device("cuda")
+    provider = next(p for p in attention.PROVIDERS if p.name == "cuda")
+    shape = attention.VIT_L_GLOBAL
+    assert attention.provider_status(provider, cuda, torch.bfloat16, shape) == (
+        "skipped",
+        "attention has no cuda kernel yet",
+    )
+    preference["attention"] = ("triton", "cuda", "torch")
+    assert attention.provider_status(provider, cuda, torch.bfloat16, shape) == ("ok", "")
+    assert attention.provider_status(provider, cuda, torch.float32, shape) == (
+        "skipped",
+        "the CUDA attention kernels take fp16 and bf16",
+    )
+    ours = next(p for p in stochastic_depth.PROVIDERS if p.name == "cuda")
+    workload = stochastic_depth.Workload(
+        "index_select_layer_norm", stochastic_depth.STEP, torch.float32, torch.bfloat16
+    )
+    preference["index_select_layer_norm"] = ("triton", "torch")
+    assert stochastic_depth.provider_status(ours, cuda, torch.bfloat16, workload) == (
+        "skipped",
+        "index_select_layer_norm has no cuda kernel yet",
+    )
 
 
 def test_stochastic_depth_and_block_shapes_parse():
@@ -431,7 +464,7 @@ def _stochastic_depth_record(provider: str, op: str, pass_: str, stream: str, co
     return {
         "benchmark": "stochastic-depth",
         "provider": provider,
-        "ours": provider == "ours",
+        "ours": provider in ("ours", "triton", "cuda"),
         "op": op,
         "pass": pass_,
         "shape": stochastic_depth.STEP.name,
@@ -458,6 +491,7 @@ def test_stochastic_depth_headline_holds_ours_against_the_copy_bandwidth(tmp_pat
     """From a made-up GPU report (not measured numbers)."""
     records = [
         _stochastic_depth_record("ours", "scaled_index_add", "fwd", "fp32", 0.85),
+        _stochastic_depth_record("cuda", "scaled_index_add", "fwd", "fp32", 0.7),
         _stochastic_depth_record("xformers", "scaled_index_add", "fwd", "fp32", 0.425),
         _stochastic_depth_record("ours", "scaled_index_add", "fwd+bwd", "fp32", 0.5),
         _stochastic_depth_record("ours", "index_select_cat", "fwd", "bf16", 0.9),
@@ -467,11 +501,12 @@ def test_stochastic_depth_headline_holds_ours_against_the_copy_bandwidth(tmp_pat
     assert main(["report", str(path), "--headline"]) == 0
     lines = [line.replace("│", " ") for line in capsys.readouterr().out.splitlines()]
 
-    def row(op: str, stream: str, pass_: str) -> str:
-        return next(line for line in lines if line.split()[:3] == [op, stream, pass_])
+    def row(op: str, stream: str, pass_: str, provider: str = "ours") -> str:
+        return next(line for line in lines if line.split()[:4] == [op, stream, pass_, provider])
 
     assert "goal met" in row("scaled_index_add", "fp32", "fwd")
     assert "2.00x" in row("scaled_index_add", "fp32", "fwd")  # vs xformers
+    assert "below goal" in row("scaled_index_add", "fp32", "fwd", "cuda")  # each backend of ours
     assert "below goal" in row("scaled_index_add", "fp32", "fwd+bwd")
     assert "MISMATCH" in row("index_select_cat", "bf16", "fwd")
 
@@ -622,3 +657,43 @@ def test_gpu_check_dry_run_runs_the_chosen_steps(tmp_path):
         check=False,
     )
     assert wrong.returncode == 2 and "unknown step in GPU_CHECK_STEPS: blok" in wrong.stderr
+
+
+def test_gpu_check_dry_run_of_the_cuda_backend_s_steps(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(script), "--dry-run"],
+        env={**env, "GPU_CHECK_STEPS": "cuda-tests sanitize tune"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped cuda-tests: needs a GPU (dry run)" in done.stdout
+    assert "ok      sanitize: the kernels and cases it would check (no GPU)" in done.stdout
+    assert "our kernels (csrc/*.cu): " in done.stdout and "layer_norm_fwd_kernel" in done.stdout
+    assert "ok      bench tune --plan" in done.stdout
+    assert "D=64,N<=320,dense,bf16" in (tmp_path / "tune.log").read_text()
+
+
+def test_the_sanitizer_s_cases_run_on_the_emulated_cuda_kernels(emulated_cuda):
+    """bench/sanitize_cuda.py's cases, on the CPU through tests/cuda_emulator: each op with a CUDA
+    kernel forward and backward, against backend='torch' (what runs under compute-sanitizer)."""
+    import importlib.util
+
+    from dinov2_fast import _backend
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sanitize_cuda.py"
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
+    sanitize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sanitize)
+    assert "layer_norm_fwd_kernel" in sanitize.kernel_names()
+    ran = 0
+    for op, description, run in sanitize.cases("cpu"):
+        if "cuda" not in _backend.AUTO_PREFERENCE[op]:
+            continue
+        assert sanitize._compare(run("cuda"), run("torch")) == "", f"{op} {description}"
+        ran += 1
+    assert ran >= 22  # LayerNorm and attention at least

@@ -73,6 +73,10 @@ def test_pure_python_wheel_maps_kernels_into_the_package(tmp_path):
         # The presets ship as package data: `pip install .` then `dinov2-fast train --config demo`.
         *(f"dinov2_fast/train/configs/{name}.yaml" for name in ("default", "demo", "vitl14")),
         "dinov2_fast/kernels/prototype_cross_entropy.py",
+        # The measured defaults of backend="auto" ship as package data.
+        "dinov2_fast/backend_table.py",
+        "dinov2_fast/backend_table_h100.json",
+        "dinov2_fast/benchmark/tune.py",
     ):
         assert expected in names, expected
     assert not any(name.endswith(".so") for name in names), "DINOV2_FAST_CUDA=0 built an extension"

@@ -19,6 +19,8 @@ Providers (see :data:`PROVIDERS`), each with the layout it is given, built befor
 - ``triton``: ours, ``attention_qkvpacked(qkv, backend="triton")`` on ``qkv: [B, N, 3, H, D]``, the
   layout a qkv Linear writes; packed: one call on ``[T, 3, H, D]`` with an int32 ``cu_seqlens``
   tensor (the op checks it on the host: one device sync a call, which the time includes);
+- ``cuda``: the same calls with ``backend="cuda"`` (the compiled extension; fp16 and bf16 only),
+  skipped with the reason where the extension is not built;
 - ``triton-memeff``: ours through xFormers' signature, ``memory_efficient_attention(q, k, v)`` on
   separate ``[B, N, H, D]`` tensors; packed: ``[1, T, H, D]`` with a ``BlockDiagonalMask``
   (no sync: the mask's lengths are Python ints);
@@ -66,7 +68,12 @@ import torch.nn.functional as F
 
 from dinov2_fast.benchmark import BenchContext, Benchmark, Record, Table, common
 from dinov2_fast.benchmark.common import PASSES
-from dinov2_fast.ops.attention import HEAD_DIMS, attention_qkvpacked, memory_efficient_attention
+from dinov2_fast.ops.attention import (
+    CUDA_DTYPES,
+    HEAD_DIMS,
+    attention_qkvpacked,
+    memory_efficient_attention,
+)
 from dinov2_fast.ops.block_diagonal_mask import BlockDiagonalMask
 
 __all__ = [
@@ -258,16 +265,22 @@ class Provider:
         return self.packed if shape.packed and self.packed is not None else self.dense
 
 
-def _ours_qkvpacked(setup: Setup) -> AttentionFn:
-    return lambda qkv: attention_qkvpacked(qkv, scale=setup.scale, backend="triton")
+def _ours_qkvpacked(backend: str) -> Callable[[Setup], AttentionFn]:
+    def build(setup: Setup) -> AttentionFn:
+        return lambda qkv: attention_qkvpacked(qkv, scale=setup.scale, backend=backend)
+
+    return build
 
 
-def _ours_varlen(setup: Setup) -> AttentionFn:
-    cu_seqlens = setup.mask().cu_seqlens(setup.device)
-    longest = max(setup.shape.seqlens)
-    return lambda qkv: attention_qkvpacked(
-        qkv, scale=setup.scale, cu_seqlens=cu_seqlens, max_seqlen=longest, backend="triton"
-    )
+def _ours_varlen(backend: str) -> Callable[[Setup], AttentionFn]:
+    def build(setup: Setup) -> AttentionFn:
+        cu_seqlens = setup.mask().cu_seqlens(setup.device)
+        longest = max(setup.shape.seqlens)
+        return lambda qkv: attention_qkvpacked(
+            qkv, scale=setup.scale, cu_seqlens=cu_seqlens, max_seqlen=longest, backend=backend
+        )
+
+    return build
 
 
 def _ours_memeff(setup: Setup) -> AttentionFn:
@@ -363,10 +376,19 @@ PROVIDERS: tuple[Provider, ...] = (
         "triton",
         "dinov2_fast.ops.attention_qkvpacked(backend='triton') on qkv [B, N, 3, H, D]; packed: "
         "one call on [T, 3, H, D] with cu_seqlens",
-        Call("bnhd", True, _ours_qkvpacked),
-        Call("tokens", True, _ours_varlen),
+        Call("bnhd", True, _ours_qkvpacked("triton")),
+        Call("tokens", True, _ours_varlen("triton")),
         gpu_kernel=True,
         backend="triton",
+    ),
+    Provider(
+        "cuda",
+        "dinov2_fast.ops.attention_qkvpacked(backend='cuda') (the compiled extension) on qkv "
+        "[B, N, 3, H, D]; packed: one call on [T, 3, H, D] with cu_seqlens",
+        Call("bnhd", True, _ours_qkvpacked("cuda")),
+        Call("tokens", True, _ours_varlen("cuda")),
+        gpu_kernel=True,
+        backend="cuda",
     ),
     Provider(
         "triton-memeff",
@@ -431,9 +453,11 @@ def provider_status(
 
         if not hasattr(SDPBackend, provider.sdpa):
             return "skipped", f"this torch has no SDPBackend.{provider.sdpa}"
-    status = common.availability(provider, device, compile_on_cpu=compile_on_cpu)
+    status = common.availability(provider, device, compile_on_cpu=compile_on_cpu, op="attention")
     if status[0] != "ok":
         return status
+    if provider.backend == "cuda" and dtype not in CUDA_DTYPES:
+        return "skipped", "the CUDA attention kernels take fp16 and bf16"
     flash = provider.sdpa == "FLASH_ATTENTION" or provider.library == "flash_attn"
     if device.type == "cuda" and (flash or provider.sdpa == "CUDNN_ATTENTION"):
         major, minor = torch.cuda.get_device_capability(device)
@@ -769,7 +793,7 @@ def table(records: Sequence[Record]) -> Table:
         "err: max |out, dq, dk, dv - float64 ref| / max |ref| on the first and last batch "
         "element and head",
         "SDPA and naive get contiguous [B, H, N, D] inputs, transposed before timing; packed(...) "
-        "rows: triton, triton-memeff, flash-attn and xformers make one varlen call over all "
+        "rows: triton, cuda, triton-memeff, flash-attn and xformers make one varlen call over all "
         "crops, the others one call per crop group, back to back",
     ]
     return result
@@ -811,7 +835,7 @@ TARGETS: tuple[Target, ...] = (
 # TARGETS.md: peak extra memory of forward+backward at the ViT-L global shape, MiB.
 REFERENCE_PEAK_MIB = {"naive": 615, "sdpa-cudnn": 195}
 # The rows of the headline: ours against their targets, and the stock baseline measured alongside.
-HEADLINE_PROVIDERS = ("triton", "triton-memeff", "sdpa-cudnn")
+HEADLINE_PROVIDERS = ("triton", "cuda", "triton-memeff", "sdpa-cudnn")
 
 
 def _is_shape(record: Record, shape: Shape) -> bool:
@@ -886,16 +910,16 @@ def headline(records: Sequence[Record]) -> Table | None:
     result.notes.append(
         "TARGETS.md (H100 80GB HBM3, torch 2.11): peak extra memory of fwd+bwd at 64x257x16x64: "
         + ", ".join(f"{name} {mib} MiB" for name, mib in REFERENCE_PEAK_MIB.items())
-        + "; the targets are set for that card. triton's packed call checks cu_seqlens on the "
-        "host (a sync each call); triton-memeff's BlockDiagonalMask does not"
+        + "; the targets are set for that card. triton's and cuda's packed calls check "
+        "cu_seqlens on the host (a sync each call); triton-memeff's BlockDiagonalMask does not"
     )
     return result
 
 
 BENCHMARK = Benchmark(
     name="attention",
-    summary="attention forward and forward+backward: ours vs SDPA (cuDNN, flash, efficient, math), "
-    "naive, torch.compile, flash-attn, xFormers",
+    summary="attention forward and forward+backward: ours (triton, cuda) vs SDPA (cuDNN, flash, "
+    "efficient, math), naive, torch.compile, flash-attn, xFormers",
     shapes_help="BxNxHxD,... and the word packed (e.g. 64x257x16x64,packed)",
     parse_shapes=parse_shapes,
     run=run,

@@ -71,12 +71,12 @@ def _library_missing(library: str) -> bool:
 
 
 def availability(
-    provider: Any, device: torch.device, *, compile_on_cpu: bool = False
+    provider: Any, device: torch.device, *, compile_on_cpu: bool = False, op: str | None = None
 ) -> tuple[str, str]:
     """``("ok", "")`` when ``provider`` can be timed on ``device`` as far as every benchmark is
     concerned, else ``("skipped" | "not timed", why)``: a missing library, a GPU kernel on the CPU,
     torch.compile on the CPU without ``--compile``, one of our backends that cannot run here
-    (``backend="auto"`` always can)."""
+    (``backend="auto"`` always can) or that has no kernel for ``op`` (an ``_backend`` op name)."""
     if provider.library is not None and _library_missing(provider.library):
         return "skipped", f"{provider.library} is not installed"
     if device.type != "cuda":
@@ -92,6 +92,8 @@ def availability(
         why = _backend.unavailable_reason(provider.backend, device)
         if why:
             return "skipped", why
+        if op is not None and provider.backend not in _backend.AUTO_PREFERENCE[op]:
+            return "skipped", f"{op} has no {provider.backend} kernel yet"
     return "ok", ""
 
 

@@ -25,7 +25,10 @@ branch output (source) has the ``--dtype``; gamma is fp32. ``fwd`` is the forwar
 Providers (see :data:`PROVIDERS`):
 
 - ``ours``: ``dinov2_fast.ops.index_select_cat`` / ``scaled_index_add(..., inplace=...)`` with
-  ``backend="auto"`` (Triton on a GPU; the torch reference on the CPU) and ``validate=False``;
+  ``backend="auto"`` (on a GPU what the measured table or the preference order picks, recorded
+  as ``backend``; the torch reference on the CPU) and ``validate=False``;
+- ``triton``, ``cuda``: the same calls with that backend (GPU only; skipped with the reason where
+  it cannot run, e.g. the CUDA extension not built or no CUDA kernel for the op);
 - ``torch``: eager, as DINOv2 writes it: ``torch.cat([s.index_select(0, i).flatten() ...])``;
   ``torch.index_add(x, 0, i, (source * gamma).to(x.dtype), alpha=alpha)``; in place
   ``x.index_add_(...)`` with the same arguments;
@@ -80,7 +83,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from dinov2_fast import _backend
+from dinov2_fast import _backend, backend_table
 from dinov2_fast.benchmark import BenchContext, Benchmark, Record, Table, common, dtype_name
 from dinov2_fast.benchmark.common import PASSES
 from dinov2_fast.ops.index_select_cat import index_select_cat
@@ -245,17 +248,22 @@ class Provider:
     compiles: bool = False
 
 
-def _ours(op: str) -> OpFn:
-    if op == "index_select_cat":
-        return lambda sources, indices: index_select_cat(sources, indices, validate=False)
-    if op == "index_select_layer_norm":
-        return lambda sources, indices, weight, bias: index_select_layer_norm(
-            sources, indices, weight, bias, LAYER_NORM_EPS, validate=False
+def _ours(backend: str) -> Callable[[str], OpFn]:
+    def make(op: str) -> OpFn:
+        if op == "index_select_cat":
+            return lambda sources, indices: index_select_cat(
+                sources, indices, validate=False, backend=backend
+            )
+        if op == "index_select_layer_norm":
+            return lambda sources, indices, weight, bias: index_select_layer_norm(
+                sources, indices, weight, bias, LAYER_NORM_EPS, validate=False, backend=backend
+            )
+        inplace = op == "scaled_index_add_inplace"
+        return lambda x, index, source, gamma, alpha: scaled_index_add(
+            x, index, source, gamma, alpha, inplace=inplace, validate=False, backend=backend
         )
-    inplace = op == "scaled_index_add_inplace"
-    return lambda x, index, source, gamma, alpha: scaled_index_add(
-        x, index, source, gamma, alpha, inplace=inplace, validate=False
-    )
+
+    return make
 
 
 def _torch_index_select_cat(sources, indices):
@@ -312,10 +320,25 @@ def _xformers(op: str) -> OpFn:
 PROVIDERS: tuple[Provider, ...] = (
     Provider(
         "ours",
-        "dinov2_fast.ops index_select_cat / scaled_index_add, backend='auto' (Triton on a GPU, the "
-        "torch reference on the CPU), validate=False",
-        _ours,
+        "dinov2_fast.ops index_select_cat / scaled_index_add, backend='auto' (on a GPU the backend "
+        "the measured table or the preference order picks; the torch reference on the CPU), "
+        "validate=False",
+        _ours("auto"),
         backend="auto",
+    ),
+    Provider(
+        "triton",
+        "the same ops with backend='triton'",
+        _ours("triton"),
+        gpu_kernel=True,
+        backend="triton",
+    ),
+    Provider(
+        "cuda",
+        "the same ops with backend='cuda' (the compiled extension)",
+        _ours("cuda"),
+        gpu_kernel=True,
+        backend="cuda",
     ),
     Provider(
         "torch",
@@ -338,6 +361,8 @@ PROVIDERS: tuple[Provider, ...] = (
     ),
 )
 _BY_NAME = {provider.name: provider for provider in PROVIDERS}
+# Our providers, as the headline lists them.
+OURS = tuple(provider.name for provider in PROVIDERS if provider.backend is not None)
 
 
 def provider_status(
@@ -351,7 +376,8 @@ def provider_status(
     """``("ok", "")`` when ``provider`` can be timed, else ``("skipped" | "not timed", why)``."""
     if provider.library == "xformers" and workload and workload.op == "index_select_layer_norm":
         return "skipped", "xFormers has no gather fused with LayerNorm"
-    return common.availability(provider, device, compile_on_cpu=compile_on_cpu)
+    op = None if workload is None else _BACKEND_OP[workload.op]
+    return common.availability(provider, device, compile_on_cpu=compile_on_cpu, op=op)
 
 
 # --- one case: a provider's inputs for one workload ----------------------------------------------
@@ -592,7 +618,7 @@ def _measure(context: BenchContext, provider: Provider, workload: Workload) -> l
         tolerance = _tolerance(workload)
         backend = None
         if provider.backend is not None:
-            backend = _backend.resolve(_BACKEND_OP[workload.op], provider.backend, context.device)
+            backend = _resolved_backend(workload, provider.backend, context.device)
         for pass_ in workload.passes:
             backward = pass_ == "fwd+bwd"
             error = max(out_error, grad_error or 0.0) if backward else out_error
@@ -628,6 +654,30 @@ def _measure(context: BenchContext, provider: Provider, workload: Workload) -> l
     )
 
 
+def _resolved_backend(workload: Workload, backend: str, device: torch.device) -> str:
+    """The backend ``backend`` stands for in the workload's calls, as the op resolves it (by the
+    shape class of each call: one call for the gathers, one per crop group for the adds);
+    "a/b" when the calls differ."""
+    op, shape = _BACKEND_OP[workload.op], workload.shape
+    if op == "scaled_index_add":
+        classes = [
+            backend_table.shape_class(
+                op,
+                width=shape.dim,
+                rows=batch * tokens,
+                dtype=workload.stream,
+                source_dtype=workload.branch,
+            )
+            for batch, tokens in shape.groups
+        ]
+    else:
+        sizes = {"width": shape.dim, "rows": shape.kept_elements // shape.dim}
+        if op == "index_select_layer_norm":  # under autocast to the branch's dtype
+            sizes["out_dtype"] = workload.branch
+        classes = [backend_table.shape_class(op, dtype=workload.stream, **sizes)]
+    return "/".join(dict.fromkeys(_backend.resolve(op, backend, device, c) for c in classes))
+
+
 def _add_speedups(records: list[Record]) -> None:
     """Against torch eager at the same pass: graph times when both have one, else eager times."""
     base = {r["pass"]: r for r in records if r["provider"] == "torch" and r["status"] == "ok"}
@@ -652,7 +702,7 @@ def run(
         quick=QUICK_SHAPES,
         cpu=[shape.scaled_down(CPU_BATCH_DIVISOR) for shape in SHAPES],
         cpu_scaling=f"B/{CPU_BATCH_DIVISOR}, rounded up",
-        gpu_kernels=["ours (Triton)"]
+        gpu_kernels=["ours (backend='auto')"]
         + [provider.name for provider in PROVIDERS if provider.gpu_kernel],
     )
     if context.device.type != "cuda":
@@ -732,11 +782,12 @@ def table(records: Sequence[Record]) -> Table:
 
 
 def headline(records: Sequence[Record]) -> Table | None:
-    """Ours at the ViT-L step against 80% of the copy bandwidth, or None if not measured."""
+    """Ours (auto, and each backend timed by name) at the ViT-L step against 80% of the copy
+    bandwidth, or None if not measured."""
     chosen = [
         r
         for r in records
-        if r["provider"] == "ours"
+        if r["provider"] in OURS
         and [tuple(group) for group in r["groups"]] == list(STEP.groups)
         and r["dim"] == STEP.dim
         and r["dtype"] == "bf16"
@@ -750,6 +801,7 @@ def headline(records: Sequence[Record]) -> Table | None:
             "op",
             "stream",
             "pass",
+            "provider",
             "ms",
             "graph ms",
             "GB/s",
@@ -765,7 +817,7 @@ def headline(records: Sequence[Record]) -> Table | None:
         for r in records
         if r["status"] == "ok" and r["shape"] == STEP.name and r["dtype"] == "bf16"
     }
-    for record in sorted(chosen, key=_order):
+    for record in sorted(chosen, key=lambda r: (_order(r), OURS.index(r["provider"]))):
         verdict = ""
         if record["status"] == "error":
             verdict = f"error: {record['note']}"
@@ -789,6 +841,7 @@ def headline(records: Sequence[Record]) -> Table | None:
                 record["op"],
                 record["stream_dtype"],
                 record["pass"],
+                record["provider"],
                 common.number(record["ms"], 4),
                 common.number(record["graph_ms"], 4),
                 common.number(record["GBps"], 0),
@@ -808,8 +861,8 @@ def headline(records: Sequence[Record]) -> Table | None:
 
 BENCHMARK = Benchmark(
     name="stochastic-depth",
-    summary="index_select_cat and scaled_index_add (DINOv2's stochastic depth) in GB/s: ours vs "
-    "torch eager, torch.compile, xFormers; eager and CUDA-graph times",
+    summary="index_select_cat and scaled_index_add (DINOv2's stochastic depth) in GB/s: ours "
+    "(auto, triton, cuda) vs torch eager, torch.compile, xFormers; eager and CUDA-graph times",
     shapes_help="BxNxC[+BxNxC...],... crop groups of one C (e.g. 64x257x1024+256x50x1024)",
     parse_shapes=parse_shapes,
     run=run,

@@ -19,7 +19,10 @@ host-to-device copy is timed: the numbers are the model's and the optimizer's.
 
 Providers (:data:`PROVIDERS`), all from the same initial weights (``build_training`` seeds them):
 
-- ``fast``: ``compute.impl=fast``: our kernels, all crops packed into one pass, subset drop path;
+- ``fast``: ``compute.impl=fast``: our kernels, all crops packed into one pass, subset drop path,
+  ``compute.backend=auto`` (per op and shape the measured table's choice, else a fixed order);
+- ``fast/triton``, ``fast/cuda``: the same with ``compute.backend`` naming one kernel backend (GPU
+  only; skipped with the reason where it cannot run, e.g. the CUDA extension not built);
 - ``baseline``: ``compute.impl=baseline``: stock PyTorch as the iBOT code ran it (explicit
   softmax(QKᵀ)V attention, ``nn.LayerNorm``, per-sample mask drop path, one forward per crop
   resolution); the reference of the speed-up and memory ratios;
@@ -275,6 +278,21 @@ PROVIDERS: tuple[Provider, ...] = (
         "one forward per crop resolution",
     ),
     Provider(
+        "fast/triton",
+        "fast",
+        "fast with compute.backend=triton: the Triton kernels everywhere",
+        backend="triton",
+        gpu_kernel=True,
+    ),
+    Provider(
+        "fast/cuda",
+        "fast",
+        "fast with compute.backend=cuda: the compiled CUDA kernels (the heads' loss, which has "
+        "none, takes auto)",
+        backend="cuda",
+        gpu_kernel=True,
+    ),
+    Provider(
         "stock+compile",
         "stock",
         "the baseline with SDPA attention and every ViT block under torch.compile",
@@ -289,6 +307,8 @@ PROVIDERS: tuple[Provider, ...] = (
     ),
 )
 _ORDER = {provider.name: i for i, provider in enumerate(PROVIDERS)}
+# The ops the fast backbone runs with compute.backend (the heads' loss falls back to auto).
+BACKBONE_OPS = ("attention", "layer_norm", "index_select_cat", "scaled_index_add")
 BASELINE = "baseline"
 STOCK_COMPILED = "stock+compile"
 
@@ -301,9 +321,18 @@ def provider_status(
     *,
     compile_on_cpu: bool = False,
 ) -> tuple[str, str]:
-    """``("ok", "")`` when ``provider`` can run here, else ``("skipped", why)`` (torch.compile on
-    the CPU needs ``--compile``)."""
-    return common.availability(provider, device, compile_on_cpu=compile_on_cpu)
+    """``("ok", "")`` when ``provider`` can run here, else ``("skipped" | "not timed", why)``
+    (torch.compile on the CPU needs ``--compile``; a backend named by a provider must run here
+    and have a kernel for every op of the backbone)."""
+    status = common.availability(provider, device, compile_on_cpu=compile_on_cpu)
+    if status[0] != "ok" or provider.backend in (None, "auto"):
+        return status
+    from dinov2_fast import _backend
+
+    missing = [op for op in BACKBONE_OPS if provider.backend not in _backend.AUTO_PREFERENCE[op]]
+    if missing:
+        return "skipped", f"no {provider.backend} kernel yet for {', '.join(missing)}"
+    return "ok", ""
 
 
 def _precision(device: torch.device, dtype: torch.dtype) -> str:
@@ -918,7 +947,8 @@ def plot(report: dict[str, Any], path: str) -> Path:
 BENCHMARK = Benchmark(
     name="train-step",
     summary="the whole DINOv2 trainer's step (default ViT-L/14, 32 images: 2x224 + 8x98 px "
-    "crops) for fast, baseline and stock+compile; images/s, step time, peak memory",
+    "crops) for fast (auto, and per kernel backend), baseline and stock+compile; images/s, "
+    "step time, peak memory",
     shapes_help="(not taken: --arch, --batch, --img-size, --drop-path instead)",
     parse_shapes=parse_shapes,
     run=run,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dinov2_fast import models
+from dinov2_fast import _backend, models
 from dinov2_fast.fsdp import clip_grad_norm_, ema_update_
 from dinov2_fast.train import baseline
 from dinov2_fast.train.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -322,6 +322,11 @@ class SSLMetaArch(nn.Module):
 
         sinkhorn = cfg.train.centering == "sinkhorn_knopp"
         iterations = 3 if sinkhorn else 0
+        # compute.backend names the kernels of the whole model; where the loss has none of that
+        # backend (no CUDA kernel), "auto" picks its kernel rather than the step failing.
+        loss_backend = cfg.compute.backend
+        if loss_backend not in _backend.AUTO_PREFERENCE["prototype_cross_entropy"]:
+            loss_backend = "auto"
 
         def loss(student, student_weight, target, target_weight, criterion, row_weight):
             center = None
@@ -338,7 +343,7 @@ class SSLMetaArch(nn.Module):
                 center=center,
                 sinkhorn_iters=iterations,
                 row_weight=row_weight,
-                backend=cfg.compute.backend,
+                backend=loss_backend,
             )
 
         n_images = global_features.shape[0] // 2
