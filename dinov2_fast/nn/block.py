@@ -298,7 +298,6 @@ class Block(BlockLayout):
         channels = x_list[0].shape[-1]
         fusable = (
             isinstance(norm, LayerNorm)
-            and norm.backend != "cuda"  # the fused op has Triton and torch backends
             and tuple(norm.normalized_shape) == (channels,)
             and x_list[0].dtype in FLOAT_DTYPES
         )
