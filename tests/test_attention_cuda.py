@@ -84,6 +84,15 @@ def test_dense_matches_reference(emulated_cuda, shape, dtype):
     _check(lambda q, k, v: attention(q, k, v, backend="cuda"), _qkv(shape, dtype), _reference, "")
 
 
+@pytest.mark.parametrize("length", [15, 16, 17, 63, 64, 65, 128, 129, 257])
+def test_lengths_around_the_tile_edges(emulated_cuda, length):
+    # 64-row query and key tiles (32-key tiles in the backward above D = 64): full tiles, one
+    # row over, one short, and DINOv2's 257 tokens (four full tiles and a single row).
+    for head_dim in (32, 96) if length < 200 else (64,):
+        inputs = _qkv((1, length, 1, head_dim), torch.float16)
+        _check(lambda q, k, v: attention(q, k, v, backend="cuda"), inputs, _reference, "")
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_qkvpacked_reads_in_place_and_writes_one_gradient(emulated_cuda, dtype):
     qkv = torch.randn(2, 67, 3, 2, 64).to(dtype)
