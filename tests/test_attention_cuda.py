@@ -152,6 +152,34 @@ def test_float32_is_refused_with_the_alternatives(emulated_cuda):
         attention(q, q, q, backend="cuda")
 
 
+def test_launchers_reject_bad_arguments(emulated_cuda):
+    """What Python's checks let through reaches the launchers' own checks, named."""
+    q = torch.randn(1, 8, 1, 64).half()
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 8)
+    strides = (512, 64, 64)
+
+    def forward(**changes):
+        args = dict(
+            q=q.data_ptr(), q_strides=strides, k=q.data_ptr(), k_strides=strides,
+            v=q.data_ptr(), v_strides=strides, o=out.data_ptr(), o_strides=strides,
+            lse=lse.data_ptr(), lse_strides=(8, 8), cu_seqlens=0, batch=1, seqlen=8, heads=1,
+            head_dim=64, scale=0.125, dtype=1, stream=0,
+        )  # fmt: skip
+        emulated_cuda.attention_fwd(**{**args, **changes})
+
+    forward()  # the arguments above are valid
+    for changes, error, words in (
+        (dict(dtype=0), ValueError, "float16 or bfloat16"),
+        (dict(dtype=5), ValueError, "unknown dtype tag"),
+        (dict(head_dim=48), ValueError, "head_dim must be"),
+        (dict(q=q.data_ptr() + 2), RuntimeError, "attention_fwd: CUDA error"),  # not 16-byte
+        (dict(k_strides=(512, 60, 64)), RuntimeError, "attention_fwd: CUDA error"),
+        (dict(scale=0.0), RuntimeError, "attention_fwd: CUDA error"),
+    ):
+        with pytest.raises(error, match=words):
+            forward(**changes)
+
+
 def test_backward_is_deterministic(emulated_cuda):
     qkv = torch.randn(1, 90, 3, 2, 32).bfloat16()
     grads = []

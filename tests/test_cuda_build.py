@@ -31,6 +31,8 @@ LAUNCHERS = (
     "scaled_index_add_bwd_partial_rows",
     "scaled_index_add_bwd",
     "index_select_layer_norm_fwd",
+    "attention_fwd",
+    "attention_bwd",
 )
 
 
