@@ -49,6 +49,12 @@ def _metrics(output_dir) -> list[dict]:
 # --- configs --------------------------------------------------------------------------------------
 
 
+def test_cuda_backend_in_fp32_is_refused_before_building():
+    cfg = _config("compute.backend=cuda", "compute.precision=fp32")
+    with pytest.raises(ValueError, match="compute.backend=cuda needs compute.precision bf16"):
+        trainer_module.build_training(cfg, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load_with_dinov2s_keys(preset):
     cfg = load_config(preset)

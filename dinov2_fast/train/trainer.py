@@ -223,6 +223,11 @@ def build_training(
             f"compute.precision must be one of {', '.join(_DTYPES)}, got {precision!r}"
         )
     dtype = _DTYPES[precision]
+    if cfg.compute.backend == "cuda" and dtype == torch.float32:
+        raise ValueError(
+            "compute.backend=cuda needs compute.precision bf16 or fp16: the CUDA attention kernels "
+            "take 16-bit inputs; use compute.backend=triton (or auto) to train in fp32"
+        )
     batch_size = cfg.train.batch_size_per_gpu
     if batch_size < 2:
         raise ValueError(f"train.batch_size_per_gpu must be at least 2 (KoLeo), got {batch_size}")
