@@ -256,17 +256,19 @@ def test_indices_and_barriers(kernels, grid, block):
     assert out.tolist() == expected
 
 
-def test_cp_async_lands_at_its_wait(kernels):
+def test_cp_async_lands_at_its_wait_or_at_once(kernels):
     source = torch.arange(1, 33, dtype=torch.uint8)
     src_bytes = torch.tensor([16, 5], dtype=torch.int32)
-    out = torch.zeros(64, dtype=torch.uint8)
+    out = torch.zeros(4, 64, dtype=torch.uint8)
     kernels.cp_async(source.data_ptr(), src_bytes.data_ptr(), out.data_ptr())
     first = list(range(1, 17))
     second = list(range(17, 22)) + [0] * 11  # 5 bytes copied, the rest of 16 zero-filled
-    # After cp_async_wait<1> only the first group has landed; the second reads the fresh shared
-    # memory (the emulator's poison; on a GPU it may or may not have landed).
-    assert out[:32].tolist() == first + [0xFF] * 16
-    assert out[32:].tolist() == first + second
+    # Blocks 0 and 1: after cp_async_wait<1> only the first group has landed; the second reads the
+    # fresh shared memory (the emulator's poison; on a GPU it may or may not have landed).
+    # Blocks 2 and 3: every copy lands when issued (the other extreme the hardware allows).
+    for block, pending in ((0, [0xFF] * 16), (1, [0xFF] * 16), (2, second), (3, second)):
+        assert out[block, :32].tolist() == first + pending, block
+        assert out[block, 32:].tolist() == first + second, block
 
 
 def test_fresh_shared_memory_is_poisoned_in_every_block(kernels):

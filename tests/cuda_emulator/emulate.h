@@ -26,7 +26,8 @@
 // warp, deadlock, and ldmatrix/cp.async addresses that are misaligned, on a thread's stack or
 // outside the launch's dynamic shared memory. Dynamic shared memory is filled with 0xff bytes
 // (NaN in fp32, fp16 and bf16) at the start of every block, and cp.async copies land only at
-// the matching cp_async_wait, so reading either too early shows up in the results. Static
+// the matching cp_async_wait (or, in half of the blocks, at once: see run_block), so reading
+// either too early, or refilling a buffer too early, shows up in the results. Static
 // __shared__ variables are plain statics: they start at zero and keep the previous block's
 // values (g++ cannot gather them for poisoning).
 //
@@ -213,6 +214,8 @@ struct State {
   size_t shared_bytes = 0;
   BarrierState barrier;
   WarpState warps[kMaxWarps];
+  // cp.async copies land when issued (the earliest the hardware may) instead of at their wait.
+  bool eager_copies = false;
   bool failed = false;
   std::string failure;
   // The runtime API.
@@ -389,12 +392,18 @@ inline bool step(State& s, int i, int& running) {
 // one at a time, each until all its threads wait at __syncthreads or have returned: warp 0 first
 // in even blocks, the last warp first (and lanes from the last) in odd ones. So a thread that
 // reads another warp's (or lane's) shared memory without the barrier in between reads it
-// unwritten, poisoned or stale, in one of the two orders.
+// unwritten, poisoned or stale, in one of the two orders. cp.async copies land at their wait in
+// blocks 0 and 1 of every 4 and when issued in blocks 2 and 3, so both of their hazards show.
 inline bool run_block(State& s) {
   const int n = s.block_threads;
   const int warps = (n + kWarpSize - 1) / kWarpSize;
   const uint3 b = s.block_idx;
-  const bool reverse = (b.x + s.grid_dim.x * (b.y + s.grid_dim.y * b.z)) % 2 == 1;
+  const uint32_t linear = b.x + s.grid_dim.x * (b.y + s.grid_dim.y * b.z);
+  const bool reverse = linear % 2 == 1;
+  // Blocks 2 and 3 of every 4 land cp.async copies at once, the others at their wait: a read
+  // before the wait sees stale data in the latter, and a copy into a buffer that another warp
+  // still reads (a missing barrier before reuse) corrupts it in the former.
+  s.eager_copies = linear / 2 % 2 == 1;
   s.barrier = BarrierState{};
   for (int w = 0; w < warps; ++w) {
     const int lanes = n - w * kWarpSize < kWarpSize ? n - w * kWarpSize : kWarpSize;
@@ -896,7 +905,8 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
 }
 
 // The copy lands at the cp_async_wait that covers its group (at the latest when the thread
-// returns), so a read before the wait sees the poisoned or old shared memory.
+// returns), so a read before the wait sees the poisoned or old shared memory; in the blocks that
+// run with eager_copies it lands at once, so overwriting a buffer still being read shows.
 inline void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
   emulator::check_shared_access("cp_async_16: shared address", smem_dst, 16, 16);
   if (src_bytes < 0 || src_bytes > 16) {
@@ -907,6 +917,7 @@ inline void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
   }
   emulator::Fiber& f = emulator::current();
   f.copies.push_back({smem_dst, gmem_src, src_bytes, f.commits});
+  if (emulator::state().eager_copies) emulator::land_copies(f, UINT32_MAX);
 }
 
 inline void cp_async_commit() { ++emulator::current().commits; }

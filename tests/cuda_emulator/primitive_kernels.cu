@@ -115,6 +115,7 @@ __global__ void indices_kernel(int32_t* out) {
 
 __global__ void cp_async_kernel(const uint8_t* src, const int32_t* src_bytes, uint8_t* out) {
   DINOV2_FAST_DYNAMIC_SHARED(smem);
+  out += 64 * blockIdx.x;
   cp_async_16(smem, src, src_bytes[0]);
   cp_async_commit();
   cp_async_16(smem + 16, src + 16, src_bytes[1]);
@@ -250,7 +251,7 @@ cudaError_t run_indices(dim3 grid, dim3 block, int32_t* out, cudaStream_t stream
 
 cudaError_t run_cp_async(const uint8_t* src, const int32_t* src_bytes, uint8_t* out,
                          cudaStream_t stream) {
-  return launch_kernel(cp_async_kernel, 1, 1, 32, stream, src, src_bytes, out);
+  return launch_kernel(cp_async_kernel, 4, 1, 32, stream, src, src_bytes, out);
 }
 
 cudaError_t run_fresh_shared(int blocks, uint32_t* out, cudaStream_t stream) {

@@ -43,9 +43,9 @@ cudaError_t run_vote(const int32_t* predicate, uint32_t* out, int threads, uint3
 // index), and __syncthreads_count of (t odd).
 cudaError_t run_indices(dim3 grid, dim3 block, int32_t* out, cudaStream_t stream);
 
-// One thread: cp_async_16 of src[0..16) (src_bytes[0] bytes) and src[16..32) (src_bytes[1]) into
-// shared memory, one commit group each; out[0..32) is shared memory after cp_async_wait<1>,
-// out[32..64) after cp_async_wait<0>.
+// Four blocks of one thread: cp_async_16 of src[0..16) (src_bytes[0] bytes) and src[16..32)
+// (src_bytes[1]) into shared memory, one commit group each; block b writes out[64b, 64b + 32),
+// shared memory after cp_async_wait<1>, and out[64b + 32, 64b + 64), after cp_async_wait<0>.
 cudaError_t run_cp_async(const uint8_t* src, const int32_t* src_bytes, uint8_t* out,
                          cudaStream_t stream);
 
