@@ -45,8 +45,8 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* src, int64_t r
   }
 }
 
-// Starts the copies of key/value tile `tile` (kBlockN rows from k and v, of which the sequence's
-// `length` bound the valid ones) into stage `stage` of `stages`: k at 2 * stage, v at 2 * stage + 1.
+// Starts the copies of key/value tile `tile` (kBlockN rows from k and v; the sequence's `length`
+// bounds the valid ones) into stage `stage` of `stages`: k at 2 * stage, v at 2 * stage + 1.
 template <typename T, int kBlockN, int kHeadDim, int kThreads>
 __device__ __forceinline__ void load_key_value_tiles(T* stages, int stage, int tile, int length,
                                                      const T* k, int64_t k_stride, const T* v,

@@ -134,6 +134,15 @@ constexpr int vec_alignment() {
   return kN * sizeof(T) < 16 ? static_cast<int>(kN * sizeof(T)) : 16;
 }
 
+// Whether kN-element vectors of T can serve every access of rows that start at ptr and step by
+// `strides` (elements): ptr aligned to the vector, every stride a whole number of vectors. An
+// absent (null) pointer needs nothing. Host code: the launchers pick the vector or scalar kernel.
+template <typename T, int kN, typename... Strides>
+bool vector_access_ok(const void* ptr, Strides... strides) {
+  return ptr == nullptr ||
+         (((strides % kN == 0) && ...) && is_aligned(ptr, vec_alignment<T, kN>()));
+}
+
 template <typename T, int kN>
 struct alignas(vec_alignment<T, kN>()) AlignedVec {
   T data[kN];

@@ -93,18 +93,12 @@ __global__ void __launch_bounds__(kTileThreads) index_copy_rows_kernel(CopyParam
   }
 }
 
-template <typename W, int kVec>
-bool vector_ok(const void* ptr, int64_t stride_b, int64_t stride_n) {
-  return stride_b % kVec == 0 && stride_n % kVec == 0 &&
-         is_aligned(ptr, vec_alignment<W, kVec>());
-}
-
 template <typename W>
 cudaError_t launch_copy(const CopyParams& p, const RowTiles& tiles, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(W);
   const bool vectorized = p.dim % kVec == 0 &&
-                          vector_ok<W, kVec>(p.src, p.src_stride_b, p.src_stride_n) &&
-                          vector_ok<W, kVec>(p.dst, p.dst_stride_b, p.dst_stride_n);
+                          vector_access_ok<W, kVec>(p.src, p.src_stride_b, p.src_stride_n) &&
+                          vector_access_ok<W, kVec>(p.dst, p.dst_stride_b, p.dst_stride_n);
   const dim3 grid(static_cast<unsigned int>(tiles.row_tiles),
                   static_cast<unsigned int>(tiles.col_tiles));
   const dim3 block(tiles.block_threads);

@@ -359,12 +359,6 @@ __global__ void __launch_bounds__(kReduceCols * kReduceSlices)
   }
 }
 
-// The vector path needs whole vectors per row and every access aligned to its width.
-template <typename T, int kVec>
-bool vector_ok(const void* ptr, int64_t row_stride) {
-  return ptr == nullptr || (row_stride % kVec == 0 && is_aligned(ptr, vec_alignment<T, kVec>()));
-}
-
 template <typename TIn, typename TOut, int kVec, bool kLargeRows, bool kGather>
 cudaError_t launch_fwd_kernel(const FwdKernelParams<kGather>& p, const RowLayout& layout,
                               cudaStream_t stream) {
@@ -378,12 +372,13 @@ template <typename TIn, typename TOut, bool kGather>
 cudaError_t launch_fwd(const FwdKernelParams<kGather>& p, const RowLayout& layout,
                        cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TIn);
-  bool vectorized = p.dim % kVec == 0 && vector_ok<TIn, kVec>(p.x, p.x_row_stride) &&
-                    vector_ok<TOut, kVec>(p.y, p.y_row_stride) &&
-                    vector_ok<float, kVec>(p.weight, 0) && vector_ok<float, kVec>(p.bias, 0);
+  bool vectorized = p.dim % kVec == 0 && vector_access_ok<TIn, kVec>(p.x, p.x_row_stride) &&
+                    vector_access_ok<TOut, kVec>(p.y, p.y_row_stride) &&
+                    vector_access_ok<float, kVec>(p.weight) &&
+                    vector_access_ok<float, kVec>(p.bias);
   if constexpr (kGather) {
     vectorized = vectorized && p.x_sample_stride % kVec == 0 &&
-                 vector_ok<TIn, kVec>(p.x_out, p.x_out_row_stride);
+                 vector_access_ok<TIn, kVec>(p.x_out, p.x_out_row_stride);
   }
   const bool large_rows = layout.block_threads > kFwdSmallRowsBlockThreads;
   if (vectorized) {
@@ -398,10 +393,10 @@ template <typename TIn, typename TGrad>
 cudaError_t launch_bwd(const BwdParams& p, const RowLayout& layout, int64_t num_partial_rows,
                        cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TIn);
-  const bool vectorized = p.dim % kVec == 0 && vector_ok<TIn, kVec>(p.x, p.x_row_stride) &&
-                          vector_ok<TGrad, kVec>(p.dy, p.dy_row_stride) &&
-                          vector_ok<TIn, kVec>(p.dx, p.dx_row_stride) &&
-                          vector_ok<float, kVec>(p.weight, 0);
+  const bool vectorized =
+      p.dim % kVec == 0 && vector_access_ok<TIn, kVec>(p.x, p.x_row_stride) &&
+      vector_access_ok<TGrad, kVec>(p.dy, p.dy_row_stride) &&
+      vector_access_ok<TIn, kVec>(p.dx, p.dx_row_stride) && vector_access_ok<float, kVec>(p.weight);
   const auto kernel = vectorized ? layer_norm_bwd_kernel<TIn, TGrad, kVec, kElemsPerThread / kVec>
                                  : layer_norm_bwd_kernel<TIn, TGrad, 1, kElemsPerThread>;
   const size_t smem_bytes = bwd_smem_bytes(layout);

@@ -273,13 +273,6 @@ __global__ void __launch_bounds__(kTileThreads) scaled_index_add_bwd_kernel(BwdP
   }
 }
 
-// The vector path needs whole vectors per row and every access aligned to its width.
-template <typename T, int kVec>
-bool vector_ok(const void* ptr, int64_t stride_b, int64_t stride_n) {
-  return ptr == nullptr || (stride_b % kVec == 0 && stride_n % kVec == 0 &&
-                            is_aligned(ptr, vec_alignment<T, kVec>()));
-}
-
 template <typename T>
 constexpr int min_size(int other) {
   return static_cast<int>(sizeof(T)) < other ? static_cast<int>(sizeof(T)) : other;
@@ -289,10 +282,10 @@ template <typename TX, typename TS>
 cudaError_t launch_fwd(const FwdParams& p, const RowTiles& tiles, cudaStream_t stream) {
   // 16 bytes of the narrower dtype: an fp32 x with a bf16 source moves 8 elements per vector.
   constexpr int kVec = 16 / min_size<TX>(sizeof(TS));
-  const bool vectorized = p.dim % kVec == 0 &&
-                          vector_ok<TX, kVec>(p.x, p.x_stride_b, p.x_stride_n) &&
-                          vector_ok<TX, kVec>(p.out, p.out_stride_b, p.out_stride_n) &&
-                          vector_ok<TS, kVec>(p.source, p.source_stride_b, p.source_stride_n);
+  const bool vectorized =
+      p.dim % kVec == 0 && vector_access_ok<TX, kVec>(p.x, p.x_stride_b, p.x_stride_n) &&
+      vector_access_ok<TX, kVec>(p.out, p.out_stride_b, p.out_stride_n) &&
+      vector_access_ok<TS, kVec>(p.source, p.source_stride_b, p.source_stride_n);
   const dim3 grid(static_cast<unsigned int>(tiles.row_tiles),
                   static_cast<unsigned int>(tiles.col_tiles));
   const dim3 block(tiles.block_threads);
@@ -306,10 +299,10 @@ cudaError_t launch_bwd(const BwdParams& p, const RowTiles& tiles, int64_t blocks
                        cudaStream_t stream) {
   constexpr int kVec = 16 / min_size<TG>(sizeof(TS));
   const bool vectorized =
-      p.dim % kVec == 0 && vector_ok<TG, kVec>(p.grad, p.grad_stride_b, p.grad_stride_n) &&
-      vector_ok<TS, kVec>(p.partial != nullptr ? p.source : nullptr, p.source_stride_b,
-                          p.source_stride_n) &&
-      vector_ok<TS, kVec>(p.grad_source, p.grad_source_stride_b, p.grad_source_stride_n);
+      p.dim % kVec == 0 && vector_access_ok<TG, kVec>(p.grad, p.grad_stride_b, p.grad_stride_n) &&
+      vector_access_ok<TS, kVec>(p.partial != nullptr ? p.source : nullptr, p.source_stride_b,
+                                 p.source_stride_n) &&
+      vector_access_ok<TS, kVec>(p.grad_source, p.grad_source_stride_b, p.grad_source_stride_n);
   const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(tiles.col_tiles));
   const dim3 block(tiles.block_threads);
   return vectorized
