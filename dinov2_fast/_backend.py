@@ -137,6 +137,11 @@ def cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+def cuda_address(tensor: torch.Tensor | None) -> int:
+    """The address a launcher takes for ``tensor``: 0 for an absent (None) or empty one."""
+    return 0 if tensor is None or tensor.numel() == 0 else tensor.data_ptr()
+
+
 def device_index(device: torch.device) -> int:
     """The CUDA device ordinal of ``device`` (the current one if it has none); 0 on the CPU."""
     if device.type != "cuda":

@@ -197,7 +197,7 @@ def _cuda_scatter_rows(grad: torch.Tensor, index: torch.Tensor, size: int) -> to
             index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
             samples, size, tokens, dim,
             grad.stride(0), grad.stride(1), out.stride(0), out.stride(1),
-            workspace.data_ptr() if workspace.numel() else 0,
+            _backend.cuda_address(workspace),
             DTYPE_TAGS[grad.dtype], _backend.cuda_stream(grad.device),
         )  # fmt: skip
     return out

@@ -203,12 +203,12 @@ def _cuda_fwd(source, index, weight32, bias32, eps, y, gathered, mean, rstd):
     and copied into ``gathered`` (``[k * N, C]``), statistics into ``mean, rstd: [k * N]``."""
     ext = _backend.cuda_extension()
     _, tokens, dim = source.shape
-    address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     with _backend.on_device(source.device):
         ext.index_select_layer_norm_fwd(
             source.data_ptr(), index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
             index.shape[0], tokens, dim, source.stride(0), source.stride(1),
             y.data_ptr(), y.stride(0), gathered.data_ptr(), gathered.stride(0),
-            address(weight32), address(bias32), mean.data_ptr(), rstd.data_ptr(),
+            _backend.cuda_address(weight32), _backend.cuda_address(bias32),
+            mean.data_ptr(), rstd.data_ptr(),
             eps, DTYPE_TAGS[source.dtype], DTYPE_TAGS[y.dtype], _backend.cuda_stream(source.device),
         )  # fmt: skip

@@ -267,10 +267,6 @@ def _torch_bwd(dy, x, weight, mean, rstd, bias_dtype):
     )
 
 
-def _pointer(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _cuda_fwd(x, weight, bias, eps, out_dtype):
     ext = _backend.cuda_extension()
     rows, dim = x.shape
@@ -284,8 +280,8 @@ def _cuda_fwd(x, weight, bias, eps, out_dtype):
         ext.layer_norm_fwd(
             x.data_ptr(),
             y.data_ptr(),
-            _pointer(weight32),
-            _pointer(bias32),
+            _backend.cuda_address(weight32),
+            _backend.cuda_address(bias32),
             mean.data_ptr(),
             rstd.data_ptr(),
             rows,
@@ -317,13 +313,13 @@ def _cuda_bwd(dy, x, weight, mean, rstd, bias_dtype):
         ext.layer_norm_bwd(
             dy.data_ptr(),
             x.data_ptr(),
-            _pointer(weight32),
+            _backend.cuda_address(weight32),
             mean.data_ptr(),
             rstd.data_ptr(),
             dx.data_ptr(),
-            _pointer(dweight32),
-            _pointer(dbias32),
-            _pointer(partial),
+            _backend.cuda_address(dweight32),
+            _backend.cuda_address(dbias32),
+            _backend.cuda_address(partial),
             rows,
             dim,
             dy.stride(0),

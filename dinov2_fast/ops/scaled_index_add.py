@@ -315,9 +315,9 @@ def _cuda_fwd(x, out, index, source, scaling, alpha, *, inplace):
     scaling = None if scaling is None else scaling.contiguous()
     with _backend.on_device(x.device):
         ext.scaled_index_add_fwd(
-            x.data_ptr(), out.data_ptr(), source.data_ptr(), _address(scaling),
+            x.data_ptr(), out.data_ptr(), source.data_ptr(), _backend.cuda_address(scaling),
             index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
-            _address(workspace), batch, samples, tokens, dim, alpha,
+            _backend.cuda_address(workspace), batch, samples, tokens, dim, alpha,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             source.stride(0), source.stride(1), inplace,
             DTYPE_TAGS[x.dtype], DTYPE_TAGS[source.dtype], _dtype_tag(scaling),
@@ -347,9 +347,10 @@ def _cuda_bwd(grad, index, source, scaling, alpha, need_source, need_scaling):
         partial = grad.new_empty(rows * dim, dtype=torch.float32)
     with _backend.on_device(grad.device):
         ext.scaled_index_add_bwd(
-            grad.data_ptr(), source.data_ptr(), _address(scaling),
+            grad.data_ptr(), source.data_ptr(), _backend.cuda_address(scaling),
             index.data_ptr(), INDEX_DTYPE_TAGS[index.dtype], index.stride(0),
-            _address(grad_source), _address(grad_scaling), _address(partial),
+            _backend.cuda_address(grad_source), _backend.cuda_address(grad_scaling),
+            _backend.cuda_address(partial),
             samples, tokens, dim, alpha,
             grad.stride(0), grad.stride(1), source.stride(0), source.stride(1),
             *((grad_source.stride(0), grad_source.stride(1)) if need_source else (0, 0)),
@@ -357,11 +358,6 @@ def _cuda_bwd(grad, index, source, scaling, alpha, need_source, need_scaling):
             device, _backend.cuda_stream(grad.device),
         )  # fmt: skip
     return grad_source, grad_scaling
-
-
-def _address(tensor: torch.Tensor | None) -> int:
-    """The device address the launchers take; 0 for an absent or empty tensor."""
-    return 0 if tensor is None or tensor.numel() == 0 else tensor.data_ptr()
 
 
 def _dtype_tag(tensor: torch.Tensor | None) -> int:
