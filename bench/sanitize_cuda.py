@@ -1,9 +1,8 @@
 """Every op that has a CUDA kernel, once forward and backward with backend="cuda", on small odd
 shapes: the program that bench/gpu_check.sh runs under compute-sanitizer (step ``sanitize``).
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 --kernel-name kns=attention_fwd_kernel \
-        ... python bench/sanitize_cuda.py
-    python bench/sanitize_cuda.py --list-kernels   # our kernels' names (csrc/*.cu), one a line
+    compute-sanitizer --tool memcheck --error-exitcode 1 --kernel-name kns=dinov2_fast \
+        python bench/sanitize_cuda.py
     python bench/sanitize_cuda.py --list           # the kernels and the cases, running nothing
 
 Shapes are tiny (racecheck instruments every shared-memory access) and odd: 77 tokens (a ragged
@@ -173,12 +172,8 @@ def _compare(outs: list, refs: list) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--list-kernels", action="store_true", help="print our kernels' names")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     args = parser.parse_args(argv)
-    if args.list_kernels:
-        print("\n".join(kernel_names()))
-        return 0
     import torch
 
     from dinov2_fast import _backend
