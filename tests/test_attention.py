@@ -28,15 +28,18 @@ def _backends():
     return found
 
 
-def _reference(q, k, v, scale=None, seqlens=None):
-    """float64 softmax(scale q kᵀ) v over [B, N, H, D] (or [T, H, D] split by seqlens)."""
-    q, k, v = (t.double() for t in (q, k, v))
+def _reference(q, k, v, scale=None, seqlens=None, dtype=torch.float64):
+    """softmax(scale q kᵀ) v over [B, N, H, D] (or [T, H, D] split by seqlens) in ``dtype``:
+    float64 is the exact reference; a 16-bit dtype rounds every step to it (the softmax in fp32),
+    which is the error plain torch makes in that dtype."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if seqlens is not None:
         parts = zip(*(t.split(list(seqlens)) for t in (q, k, v)))
-        return torch.cat([_reference(*(t[None] for t in p), scale)[0] for p in parts])
+        return torch.cat([_reference(*(t[None] for t in p), scale, dtype=dtype)[0] for p in parts])
     scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v)
+    probs = scores.softmax(-1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
+    return torch.einsum("bhnm,bmhd->bnhd", probs, v)
 
 
 def _qkv(shape, dtype=torch.float32, device=DEVICE):

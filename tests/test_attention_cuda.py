@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention import _qkv, _reference
 
 from dinov2_fast.ops import (
     BlockDiagonalMask,
@@ -21,19 +22,6 @@ from dinov2_fast.ops import (
 )
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _reference(q, k, v, scale=None, seqlens=None, dtype=torch.float64):
-    """softmax(scale q kᵀ) v over [B, N, H, D] (or [T, H, D] split by seqlens), every step rounded
-    to ``dtype`` (float64: the exact reference; the input dtype: what torch gets in it)."""
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if seqlens is not None:
-        parts = zip(*(t.split(list(seqlens)) for t in (q, k, v)))
-        return torch.cat([_reference(*(t[None] for t in p), scale, dtype=dtype)[0] for p in parts])
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    probs = scores.float().softmax(-1).to(dtype)
-    return torch.einsum("bhnm,bmhd->bnhd", probs, v)
 
 
 def _assert_as_close_as_torch(name, got, exact, torch_in_dtype):
@@ -67,10 +55,6 @@ def _check(run, inputs, reference, name):
         _assert_as_close_as_torch(f"{name}: grad {i}", leaf.grad, exact_grads[i], low_grads[i])
 
 
-def _qkv(shape, dtype, device="cpu"):
-    return [torch.randn(shape, dtype=torch.float64).to(device, dtype) for _ in range(3)]
-
-
 # --- on the CPU, through the emulator --------------------------------------------------------------
 
 
@@ -81,7 +65,12 @@ def _qkv(shape, dtype, device="cpu"):
     ids=str,
 )
 def test_dense_matches_reference(emulated_cuda, shape, dtype):
-    _check(lambda q, k, v: attention(q, k, v, backend="cuda"), _qkv(shape, dtype), _reference, "")
+    _check(
+        lambda q, k, v: attention(q, k, v, backend="cuda"),
+        _qkv(shape, dtype, "cpu"),
+        _reference,
+        "",
+    )
 
 
 @pytest.mark.parametrize("length", [15, 16, 17, 63, 64, 65, 128, 129, 257])
@@ -89,7 +78,7 @@ def test_lengths_around_the_tile_edges(emulated_cuda, length):
     # 64-row query and key tiles (32-key tiles in the backward above D = 64): full tiles, one
     # row over, one short, and DINOv2's 257 tokens (four full tiles and a single row).
     for head_dim in (32, 96) if length < 200 else (64,):
-        inputs = _qkv((1, length, 1, head_dim), torch.float16)
+        inputs = _qkv((1, length, 1, head_dim), torch.float16, "cpu")
         _check(lambda q, k, v: attention(q, k, v, backend="cuda"), inputs, _reference, "")
 
 
@@ -110,7 +99,7 @@ def test_packed_ragged_sequences(emulated_cuda, head_dim):
     cu_seqlens = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
     _check(
         lambda q, k, v: attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=80, backend="cuda"),
-        _qkv((sum(seqlens), 2, head_dim), torch.bfloat16),
+        _qkv((sum(seqlens), 2, head_dim), torch.bfloat16, "cpu"),
         lambda q, k, v, dtype: _reference(q, k, v, seqlens=seqlens, dtype=dtype),
         "packed",
     )
@@ -130,7 +119,7 @@ def test_block_diagonal_mask_of_crops(emulated_cuda):
 
 
 def test_log_sum_exp_is_saved_in_natural_log(emulated_cuda):
-    q, k, v = _qkv((2, 45, 3, 64), torch.float16)
+    q, k, v = _qkv((2, 45, 3, 64), torch.float16, "cpu")
     _, lse = torch.ops.dinov2_fast.attention_fwd(q, k, v, 0.2, None, None, "cuda")
     scores = torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * 0.2
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=1e-4, rtol=1e-5)
@@ -141,7 +130,9 @@ def test_unaligned_and_strided_inputs_are_read_correctly(emulated_cuda):
     # copies it. A transposed-head layout is read in place through its strides.
     base = torch.randn(3 * 2 * 40 * 2 * 64 + 1).half()
     q, k, v = base[1:].view(3, 2, 40, 2, 64).unbind(0)
-    strided = [t.transpose(0, 1) for t in _qkv((40, 2, 2, 64), torch.half)]  # [B, N, H, D] view
+    strided = [
+        t.transpose(0, 1) for t in _qkv((40, 2, 2, 64), torch.half, "cpu")
+    ]  # [B, N, H, D] view
     for inputs in ((q, k, v), strided):
         _check(lambda q, k, v: attention(q, k, v, backend="cuda"), list(inputs), _reference, "")
 
@@ -192,7 +183,7 @@ def test_backward_is_deterministic(emulated_cuda):
 
 def test_opcheck(emulated_cuda):
     ops = torch.ops.dinov2_fast
-    q, k, v = _qkv((1, 21, 2, 64), torch.bfloat16)
+    q, k, v = _qkv((1, 21, 2, 64), torch.bfloat16, "cpu")
     torch.library.opcheck(ops.attention_fwd.default, (q, k, v, 0.2, None, None, "cuda"))
     out, lse = ops.attention_fwd(q, k, v, 0.2, None, None, "cuda")
     torch.library.opcheck(
