@@ -130,7 +130,7 @@ def exports(named) -> dict:
 
 
 def main() -> None:
-    from distributed import init_worker
+    from distributed import finish_worker, init_worker
 
     out = Path(sys.argv[1])
     directory = out / "ckpt"
@@ -238,7 +238,7 @@ def main() -> None:
 
     if rank == 0:
         torch.save(result, out / "result.pt")
-    dist.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

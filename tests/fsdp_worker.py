@@ -490,7 +490,7 @@ def fsdp1_case(rank: int, world: int) -> dict:
 def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    from distributed import init_worker
+    from distributed import finish_worker, init_worker
 
     rank, world = init_worker()
     for name in sys.argv[2:]:
@@ -509,7 +509,7 @@ def main() -> None:
         if rank == 0:
             (out / f"{name}.json").write_text(json.dumps(result))
         dist.barrier()
-    dist.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def worker_data() -> dict[str, torch.Tensor]:
 
 
 def main(out: str) -> None:
-    from distributed import init_worker, save_result
+    from distributed import finish_worker, init_worker, save_result
 
     from dinov2_fast.ops import prototype_cross_entropy
 
@@ -68,6 +68,7 @@ def main(out: str) -> None:
             key = f"{split[0]}_{split[1]}_{backend}"
             result[key] = {"loss": loss, "d_feats": xs.grad, "d_weight": ws.grad, "mean": mean}
     save_result(out, result, all_ranks=True)
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _half(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def main(out: str) -> None:
-    from distributed import init_worker, save_result
+    from distributed import finish_worker, init_worker, save_result
 
     from dinov2_fast.train.losses import DINOLoss, iBOTPatchLoss
 
@@ -93,6 +93,7 @@ def main(out: str) -> None:
     result["ibot_center_unequal"] = unequal.state_dict()["center"]
 
     save_result(out, result, all_ranks=True)
+    finish_worker()
 
 
 if __name__ == "__main__":
