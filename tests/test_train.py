@@ -215,8 +215,9 @@ def test_two_processes_train_sharded_and_resume(tmp_path):
     and a resume on the same world size."""
     cli = str(TESTS.parent / "dinov2_fast" / "cli.py")
     common = ["train", "--no-progress", "--output-dir", str(tmp_path), *TINY]
-    torchrun(cli, 2, *common, "--max-steps", "2", "train.checkpoint_every=2")
+    first = torchrun(cli, 2, *common, "--max-steps", "2", "train.checkpoint_every=2")
     torchrun(cli, 2, *common, "--max-steps", "3", "--resume")
+    assert "returned a view tensor" not in first.stderr  # FSDP2's warning, filtered by the trainer
     steps = [r["step"] for r in _metrics(tmp_path)]
     assert steps == [1, 2, 3]
     assert all(math.isfinite(r["total_loss"]) for r in _metrics(tmp_path))

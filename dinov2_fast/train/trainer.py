@@ -17,6 +17,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -306,6 +307,9 @@ def training_step(training: Training, batch: dict[str, Any], step: int) -> dict[
 # --- the loop ------------------------------------------------------------------------------------
 
 
+_FSDP2_VIEW_OUTPUT = r"FSDP2-wrapped module \(.*\) returned a view tensor"
+
+
 def train(
     cfg: Config,
     *,
@@ -333,7 +337,12 @@ def train(
     rank, world, device = _setup_distributed()
     created = created and dist.is_initialized()
     try:
-        return _train(cfg, output_dir, data, resume, max_steps, progress, rank, world, device)
+        with warnings.catch_warnings():
+            # Our sharded blocks and backbones return views (the packed groups split from one
+            # sequence, the token slices of the final norm), which FSDP2 warns about because an
+            # in-place op on one would skip its pre-backward hook; nothing in the step does that.
+            warnings.filterwarnings("ignore", message=_FSDP2_VIEW_OUTPUT, category=UserWarning)
+            return _train(cfg, output_dir, data, resume, max_steps, progress, rank, world, device)
     finally:
         if created:  # ours to close: pending collectives end before the process does
             dist.barrier()
