@@ -11,7 +11,8 @@
 // summed by one thread in a fixed order, so the result is the same on every run. P and dS are
 // rounded to the input dtype as tensor-core operands (as in FlashAttention); everything else is
 // fp32. Padded rows: queries past the end read lse = +inf (P = 0) and delta = 0; keys past the
-// end have P set to 0.
+// end have P set to 0. A ragged last tile skips its 16-row steps that hold no row, and warps
+// whose 16 rows (dQ) or keys (dK/dV) all lie past the end skip the math.
 #include "attention.h"
 #include "attention_tile.h"
 
@@ -148,6 +149,9 @@ __global__ void __launch_bounds__(DkDvConfig<T, kHeadDim, kBlockN, kBlockM>::kTh
   // Keys of this warp past the sequence's end (rows lane / 4 and lane / 4 + 8).
   const int valid_keys = sequence.length - n0 - warp * 16;
   const bool key_ok[2] = {lane / 4 < valid_keys, lane / 4 + 8 < valid_keys};
+  // A warp whose 16 keys all lie past the end (in a ragged last block) skips the math, but keeps
+  // copying and meeting the barriers with the others.
+  const bool warp_has_keys = valid_keys > 0;
 
   float dk_acc[kHeadDim / 8][4];
   float dv_acc[kHeadDim / 8][4];
@@ -162,36 +166,42 @@ __global__ void __launch_bounds__(DkDvConfig<T, kHeadDim, kBlockN, kBlockM>::kTh
     const float* lse_log2 = row_stages + stage * 2 * kBlockM;
     const float* delta_rows = lse_log2 + kBlockM;
 
-    // P^T [16 keys x kBlockM queries]: column c is query c of the tile.
-    float pt[kBlockM / 8][4];
-    zero(pt);
-    mma_rows_by_rows<T, kBlockM, kHeadDim, kPitch>(pt, k_rows, q_tile);
-#pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = j * 8 + (lane % 4) * 2 + (e % 2);
-        pt[j][e] = key_ok[e / 2] ? exp2f(pt[j][e] * scale_log2 - lse_log2[col]) : 0.0f;
-      }
-    }
-    uint32_t operand[kBlockM / 16][4];
-    accumulators_to_operand<T, kBlockM>(pt, operand);
-    mma_regs_by_rows<T, kHeadDim, kBlockM, kPitch>(dv_acc, operand, do_tile);
+    if (warp_has_keys) {
+      // A ragged last tile skips its 16-query steps with no query (queries past the end have
+      // lse = +inf, so P is 0 there whatever the product left in pt).
+      const int valid_queries = sequence.length - tile * kBlockM;
 
-    // dS^T = P^T * (v dO^T - delta), reusing dpt in place.
-    float dpt[kBlockM / 8][4];
-    zero(dpt);
-    mma_rows_by_rows<T, kBlockM, kHeadDim, kPitch>(dpt, v_rows, do_tile);
+      // P^T [16 keys x kBlockM queries]: column c is query c of the tile.
+      float pt[kBlockM / 8][4];
+      zero(pt);
+      mma_rows_by_rows<T, kBlockM, kHeadDim, kPitch>(pt, k_rows, q_tile, valid_queries);
 #pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j) {
+      for (int j = 0; j < kBlockM / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = j * 8 + (lane % 4) * 2 + (e % 2);
-        dpt[j][e] = pt[j][e] * (dpt[j][e] - delta_rows[col]);
+        for (int e = 0; e < 4; ++e) {
+          const int col = j * 8 + (lane % 4) * 2 + (e % 2);
+          pt[j][e] = key_ok[e / 2] ? exp2f(pt[j][e] * scale_log2 - lse_log2[col]) : 0.0f;
+        }
       }
+      uint32_t operand[kBlockM / 16][4];
+      accumulators_to_operand<T, kBlockM>(pt, operand);
+      mma_regs_by_rows<T, kHeadDim, kBlockM, kPitch>(dv_acc, operand, do_tile, valid_queries);
+
+      // dS^T = P^T * (v dO^T - delta), reusing dpt in place.
+      float dpt[kBlockM / 8][4];
+      zero(dpt);
+      mma_rows_by_rows<T, kBlockM, kHeadDim, kPitch>(dpt, v_rows, do_tile, valid_queries);
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = j * 8 + (lane % 4) * 2 + (e % 2);
+          dpt[j][e] = pt[j][e] * (dpt[j][e] - delta_rows[col]);
+        }
+      }
+      accumulators_to_operand<T, kBlockM>(dpt, operand);
+      mma_regs_by_rows<T, kHeadDim, kBlockM, kPitch>(dk_acc, operand, q_tile, valid_queries);
     }
-    accumulators_to_operand<T, kBlockM>(dpt, operand);
-    mma_regs_by_rows<T, kHeadDim, kBlockM, kPitch>(dk_acc, operand, q_tile);
     __syncthreads();  // the next iteration's copies overwrite this stage
   }
 
@@ -269,6 +279,9 @@ __global__ void __launch_bounds__(DqConfig<T, kHeadDim, kBlockM, kBlockN>::kThre
 
   float dq_acc[kHeadDim / 8][4];
   zero(dq_acc);
+  // A warp whose 16 rows all lie past the end (in a ragged last block) skips the math, but keeps
+  // copying and meeting the barriers with the others.
+  const bool warp_has_rows = valid_queries > warp * 16;
 
   for (int tile = 0; tile < key_tiles; ++tile) {
     const int stage = tile % 2;
@@ -276,27 +289,29 @@ __global__ void __launch_bounds__(DqConfig<T, kHeadDim, kBlockM, kBlockN>::kThre
     const T* k_tile = kv_stages + (2 * stage) * kBlockN * kPitch;
     const T* v_tile = kv_stages + (2 * stage + 1) * kBlockN * kPitch;
     const int valid_keys = sequence.length - tile * kBlockN;
-
-    float s[kBlockN / 8][4];
-    zero(s);
-    mma_rows_by_rows<T, kBlockN, kHeadDim, kPitch>(s, q_rows, k_tile);
-    float dp[kBlockN / 8][4];
-    zero(dp);
-    mma_rows_by_rows<T, kBlockN, kHeadDim, kPitch>(dp, do_rows, v_tile);
+    if (warp_has_rows) {
+      // A ragged last tile skips its 16-key steps with no key.
+      float s[kBlockN / 8][4];
+      zero(s);
+      mma_rows_by_rows<T, kBlockN, kHeadDim, kPitch>(s, q_rows, k_tile, valid_keys);
+      float dp[kBlockN / 8][4];
+      zero(dp);
+      mma_rows_by_rows<T, kBlockN, kHeadDim, kPitch>(dp, do_rows, v_tile, valid_keys);
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
+      for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int half = e / 2;
-        const bool key_ok = j * 8 + (lane % 4) * 2 + (e % 2) < valid_keys;
-        // Padded keys: exp of (0 - lse) may overflow, so select instead of multiplying.
-        const float prob = key_ok ? exp2f(s[j][e] * scale_log2 - lse_log2[half]) : 0.0f;
-        s[j][e] = prob * (dp[j][e] - delta[half]);
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2;
+          const bool key_ok = j * 8 + (lane % 4) * 2 + (e % 2) < valid_keys;
+          // Padded keys: exp of (0 - lse) may overflow, so select instead of multiplying.
+          const float prob = key_ok ? exp2f(s[j][e] * scale_log2 - lse_log2[half]) : 0.0f;
+          s[j][e] = prob * (dp[j][e] - delta[half]);
+        }
       }
+      uint32_t operand[kBlockN / 16][4];
+      accumulators_to_operand<T, kBlockN>(s, operand);
+      mma_regs_by_rows<T, kHeadDim, kBlockN, kPitch>(dq_acc, operand, k_tile, valid_keys);
     }
-    uint32_t operand[kBlockN / 16][4];
-    accumulators_to_operand<T, kBlockN>(s, operand);
-    mma_regs_by_rows<T, kHeadDim, kBlockN, kPitch>(dq_acc, operand, k_tile);
     __syncthreads();  // the next iteration's copies overwrite this stage
   }
 

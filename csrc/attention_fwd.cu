@@ -7,7 +7,9 @@
 // thread, the max reduced over the quad that shares a row), rescales its O accumulators and adds
 // P v with P rounded to the input dtype in registers (the C fragments of S are already the A
 // fragments of P). The last tile of a ragged sequence has its missing keys zero-filled and their
-// scores set to -inf. O is divided by the row sum at the end; lse = m * scale + log(sum).
+// scores set to -inf, and skips its 16-key steps that hold no key; in the last block of queries,
+// warps with no row skip the math. O is divided by the row sum at the end; lse = m * scale +
+// log(sum).
 //
 // FLOPs: 4 * N^2 * D per (sequence, head); bytes: q, k, v read once per query block, o written.
 #include <algorithm>
@@ -39,6 +41,63 @@ struct FwdConfig {
   static constexpr size_t kSmemBytes =
       static_cast<size_t>(kBlockM + 4 * kBlockN) * kPitch * sizeof(T);
 };
+
+// One key tile for the warp's 16 query rows: S = q k^T, the online softmax update of row_max,
+// row_sum and o_acc, then O += P v with P rounded to T in registers (the C fragments of S are
+// already the A fragments of P). valid_keys < kBlockN marks the ragged last tile: its missing keys
+// score -inf, and the 16-key steps that hold none of its keys are skipped.
+template <typename T, int kHeadDim, int kBlockN, int kPitch>
+__device__ __forceinline__ void online_softmax_step(const T* q_rows, const T* k_tile,
+                                                    const T* v_tile, int valid_keys,
+                                                    float scale_log2, float (&row_max)[2],
+                                                    float (&row_sum)[2],
+                                                    float (&o_acc)[kHeadDim / 8][4]) {
+  const int lane = threadIdx.x % kWarpSize;
+  float s[kBlockN / 8][4];
+  zero(s);
+  mma_rows_by_rows<T, kBlockN, kHeadDim, kPitch>(s, q_rows, k_tile, valid_keys);
+  if (valid_keys < kBlockN) {
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) s[j][e] = -INFINITY;
+      }
+    }
+  }
+
+  // Online softmax: new maxima, rescale what was summed so far, exponentiate this tile.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      tile_max = fmaxf(tile_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+    }
+    const float new_max = fmaxf(row_max[half], quad_max(tile_max));
+    // Every tile holds at least one real key, so new_max is finite; exp2(-inf) = 0 on tile 0.
+    const float rescale = exp2f((row_max[half] - new_max) * scale_log2);
+    row_max[half] = new_max;
+    const float shift = new_max * scale_log2;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      s[j][2 * half] = exp2f(s[j][2 * half] * scale_log2 - shift);
+      s[j][2 * half + 1] = exp2f(s[j][2 * half + 1] * scale_log2 - shift);
+      sum += s[j][2 * half] + s[j][2 * half + 1];
+    }
+    row_sum[half] = row_sum[half] * rescale + sum;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      o_acc[j][2 * half] *= rescale;
+      o_acc[j][2 * half + 1] *= rescale;
+    }
+  }
+
+  uint32_t p_frag[kBlockN / 16][4];
+  accumulators_to_operand<T, kBlockN>(s, p_frag);
+  mma_regs_by_rows<T, kHeadDim, kBlockN, kPitch>(o_acc, p_frag, v_tile, valid_keys);
+}
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN>
 __global__ void __launch_bounds__(FwdConfig<T, kHeadDim, kBlockM, kBlockN>::kThreads)
@@ -81,58 +140,20 @@ __global__ void __launch_bounds__(FwdConfig<T, kHeadDim, kBlockM, kBlockN>::kThr
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
 
+  // A warp whose 16 rows all lie past the end (in a ragged last block) skips the math, but keeps
+  // copying and meeting the barriers with the others.
+  const bool warp_has_rows = m0 + warp * 16 < sequence.length;
+
   for (int tile = 0; tile < key_tiles; ++tile) {
     const int stage = tile % 2;
     advance_pipeline(tile + 1 < key_tiles, [&] { load_kv(tile + 1, 1 - stage); });
     const T* k_tile = kv_stages + (2 * stage) * kBlockN * kPitch;
     const T* v_tile = kv_stages + (2 * stage + 1) * kBlockN * kPitch;
-
-    float s[kBlockN / 8][4];
-    zero(s);
-    mma_rows_by_rows<T, kBlockN, kHeadDim, kPitch>(s, q_rows, k_tile);
-
     const int valid_keys = sequence.length - tile * kBlockN;
-    if (valid_keys < kBlockN) {
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (j * 8 + (lane % 4) * 2 + (e % 2) >= valid_keys) s[j][e] = -INFINITY;
-        }
-      }
+    if (warp_has_rows) {
+      online_softmax_step<T, kHeadDim, kBlockN, kPitch>(q_rows, k_tile, v_tile, valid_keys,
+                                                         scale_log2, row_max, row_sum, o_acc);
     }
-
-    // Online softmax: new maxima, rescale what was summed so far, exponentiate this tile.
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        tile_max = fmaxf(tile_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
-      }
-      const float new_max = fmaxf(row_max[half], quad_max(tile_max));
-      // Every tile holds at least one real key, so new_max is finite; exp2(-inf) = 0 on tile 0.
-      const float rescale = exp2f((row_max[half] - new_max) * scale_log2);
-      row_max[half] = new_max;
-      const float shift = new_max * scale_log2;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        s[j][2 * half] = exp2f(s[j][2 * half] * scale_log2 - shift);
-        s[j][2 * half + 1] = exp2f(s[j][2 * half + 1] * scale_log2 - shift);
-        sum += s[j][2 * half] + s[j][2 * half + 1];
-      }
-      row_sum[half] = row_sum[half] * rescale + sum;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        o_acc[j][2 * half] *= rescale;
-        o_acc[j][2 * half + 1] *= rescale;
-      }
-    }
-
-    uint32_t p_frag[kBlockN / 16][4];
-    accumulators_to_operand<T, kBlockN>(s, p_frag);
-    mma_regs_by_rows<T, kHeadDim, kBlockN, kPitch>(o_acc, p_frag, v_tile);
     __syncthreads();  // the next iteration's copies overwrite this stage
   }
 

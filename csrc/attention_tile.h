@@ -75,9 +75,12 @@ __device__ __forceinline__ void advance_pipeline(bool has_next, StartNext&& star
 
 // acc[16 x kN] += A[16 x kK] * B^T, where A's 16 rows start at a (shared, pitch kPitch) and B is
 // stored n-major: its kN rows of kK elements start at b (shared, pitch kPitch). This is q k^T
-// with both operands as loaded (both need the non-transposing ldmatrix).
+// with both operands as loaded (both need the non-transposing ldmatrix). Only the first n_valid
+// rows of B hold data (a ragged last tile): the 16-row steps past them are skipped, their
+// accumulators left as they were.
 template <typename T, int kN, int kK, int kPitch>
-__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[kN / 8][4], const T* a, const T* b) {
+__device__ __forceinline__ void mma_rows_by_rows_upto(float (&acc)[kN / 8][4], const T* a,
+                                                      const T* b, int n_valid) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "tiles are multiples of 16");
   const int lane = threadIdx.x % kWarpSize;
   const int matrix = lane / 8;  // which of the four 8x8 matrices this lane addresses
@@ -89,6 +92,7 @@ __device__ __forceinline__ void mma_rows_by_rows(float (&acc)[kN / 8][4], const 
     ldmatrix_x4(a_frag, a + ((matrix % 2) * 8 + row) * kPitch + kk * 16 + (matrix / 2) * 8);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
+      if (nn * 16 >= n_valid) break;
       uint32_t b_frag[4];
       // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
       ldmatrix_x4(b_frag, b + (nn * 16 + (matrix / 2) * 8 + row) * kPitch + kk * 16 +
@@ -103,16 +107,19 @@ __device__ __forceinline__ void mma_rows_by_rows(float (&acc)[kN / 8][4], const 
 
 // acc[16 x kN] += A[16 x kK] * B, with A in registers (a[kK / 16], mma A fragments) and B stored
 // k-major: its kK rows of kN elements start at b (shared, pitch kPitch). This is p v: the
-// transposing ldmatrix turns rows of v into B fragments.
+// transposing ldmatrix turns rows of v into B fragments. Only the first k_valid rows of B hold
+// data, and A is zero past them: the 16-row k steps past them are skipped (as n_valid above).
 template <typename T, int kN, int kK, int kPitch>
-__device__ __forceinline__ void mma_regs_by_rows(float (&acc)[kN / 8][4],
-                                                 const uint32_t (&a)[kK / 16][4], const T* b) {
+__device__ __forceinline__ void mma_regs_by_rows_upto(float (&acc)[kN / 8][4],
+                                                      const uint32_t (&a)[kK / 16][4], const T* b,
+                                                      int k_valid) {
   static_assert(kN % 16 == 0 && kK % 16 == 0, "tiles are multiples of 16");
   const int lane = threadIdx.x % kWarpSize;
   const int matrix = lane / 8;
   const int row = lane % 8;
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
+    if (kk * 16 >= k_valid) break;
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       uint32_t b_frag[4];
@@ -124,6 +131,29 @@ __device__ __forceinline__ void mma_regs_by_rows(float (&acc)[kN / 8][4],
       mma_m16n8k16<T>(acc[2 * nn], a[kk], b_lo, acc[2 * nn]);
       mma_m16n8k16<T>(acc[2 * nn + 1], a[kk], b_hi, acc[2 * nn + 1]);
     }
+  }
+}
+
+// The two products for a tile of which `valid` rows hold data (more than the tile: all): full
+// tiles, all but the last, get their own copy of the loops, without the tests.
+template <typename T, int kN, int kK, int kPitch>
+__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[kN / 8][4], const T* a, const T* b,
+                                                 int valid = kN) {
+  if (valid >= kN) {
+    mma_rows_by_rows_upto<T, kN, kK, kPitch>(acc, a, b, kN);
+  } else {
+    mma_rows_by_rows_upto<T, kN, kK, kPitch>(acc, a, b, valid);
+  }
+}
+
+template <typename T, int kN, int kK, int kPitch>
+__device__ __forceinline__ void mma_regs_by_rows(float (&acc)[kN / 8][4],
+                                                 const uint32_t (&a)[kK / 16][4], const T* b,
+                                                 int valid = kK) {
+  if (valid >= kK) {
+    mma_regs_by_rows_upto<T, kN, kK, kPitch>(acc, a, b, kK);
+  } else {
+    mma_regs_by_rows_upto<T, kN, kK, kPitch>(acc, a, b, valid);
   }
 }
 
