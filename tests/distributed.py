@@ -73,7 +73,7 @@ def finish_worker() -> NoReturn:
     with status 0 without the interpreter's teardown.
 
     The teardown can abort a rank after its work succeeded ("terminate called without an active
-    exception"; 1 run in 20 to 25 of fsdp_checkpoint_worker.py on 2 cores). A core dump shows why:
+    exception"; 3 runs in 111 of fsdp_checkpoint_worker.py on 2 cores). A core dump shows why:
     a gloo thread drops the last reference to an async collective's work
     (``~AsyncAllgatherCoalescedWork`` in ``ProcessGroupGloo::runLoop``, FSDP2's all-gather), whose
     output tensors take the GIL to free, after the interpreter began to finalise, and Python ends
