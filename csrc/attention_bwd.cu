@@ -149,8 +149,7 @@ __global__ void __launch_bounds__(DkDvConfig<T, kHeadDim, kBlockN, kBlockM>::kTh
   // Keys of this warp past the sequence's end (rows lane / 4 and lane / 4 + 8).
   const int valid_keys = sequence.length - n0 - warp * 16;
   const bool key_ok[2] = {lane / 4 < valid_keys, lane / 4 + 8 < valid_keys};
-  // A warp whose 16 keys all lie past the end (in a ragged last block) skips the math, but keeps
-  // copying and meeting the barriers with the others.
+  // Idle warps of a ragged last block still copy and meet the barriers.
   const bool warp_has_keys = valid_keys > 0;
 
   float dk_acc[kHeadDim / 8][4];
@@ -279,8 +278,7 @@ __global__ void __launch_bounds__(DqConfig<T, kHeadDim, kBlockM, kBlockN>::kThre
 
   float dq_acc[kHeadDim / 8][4];
   zero(dq_acc);
-  // A warp whose 16 rows all lie past the end (in a ragged last block) skips the math, but keeps
-  // copying and meeting the barriers with the others.
+  // Idle warps of a ragged last block still copy and meet the barriers.
   const bool warp_has_rows = valid_queries > warp * 16;
 
   for (int tile = 0; tile < key_tiles; ++tile) {

@@ -140,8 +140,7 @@ __global__ void __launch_bounds__(FwdConfig<T, kHeadDim, kBlockM, kBlockN>::kThr
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
 
-  // A warp whose 16 rows all lie past the end (in a ragged last block) skips the math, but keeps
-  // copying and meeting the barriers with the others.
+  // Idle warps of a ragged last block still copy and meet the barriers.
   const bool warp_has_rows = m0 + warp * 16 < sequence.length;
 
   for (int tile = 0; tile < key_tiles; ++tile) {

@@ -91,6 +91,13 @@ def _randn(generator: torch.Generator, device: torch.device, dtype: torch.dtype,
     return torch.randn(*size, generator=generator, device=device).to(dtype)
 
 
+def _norm_affine(generator: torch.Generator, device: torch.device, dtype: torch.dtype, width: int):
+    """A LayerNorm's (weight, bias), near (1, 0) but not at it, both requiring grad."""
+    weight = (1 + 0.1 * _randn(generator, device, dtype, width)).requires_grad_()
+    bias = (0.1 * _randn(generator, device, dtype, width)).requires_grad_()
+    return weight, bias
+
+
 def _kept(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     count = max(int(batch * KEEP), 1)
     return torch.randperm(batch, generator=generator, device=device)[:count].sort().values
@@ -153,8 +160,7 @@ def _layer_norm(width: int, rows: int, x_dtype: torch.dtype, out_dtype: torch.dt
     def build(backend: str, device: torch.device) -> Built:
         generator = torch.Generator(device=device).manual_seed(0)
         x = _randn(generator, device, x_dtype, rows, width).requires_grad_()
-        weight = (1 + 0.1 * _randn(generator, device, x_dtype, width)).requires_grad_()
-        bias = (0.1 * _randn(generator, device, x_dtype, width)).requires_grad_()
+        weight, bias = _norm_affine(generator, device, x_dtype, width)
         autocast_to = out_dtype if out_dtype != x_dtype else None
 
         def forward() -> torch.Tensor:
@@ -175,8 +181,7 @@ def _index_select_layer_norm(
         generator = torch.Generator(device=device).manual_seed(0)
         source = _randn(generator, device, x_dtype, batch, GLOBAL_TOKENS, width).requires_grad_()
         index = _kept(batch, generator, device)
-        weight = (1 + 0.1 * _randn(generator, device, x_dtype, width)).requires_grad_()
-        bias = (0.1 * _randn(generator, device, x_dtype, width)).requires_grad_()
+        weight, bias = _norm_affine(generator, device, x_dtype, width)
         autocast_to = out_dtype if out_dtype != x_dtype else None
 
         def forward() -> torch.Tensor:
@@ -230,7 +235,7 @@ def _scaled_index_add(
 
 
 def _attention_shape(groups, heads: int, head_dim: int, packed: bool) -> str:
-    """As the attention benchmark names shapes: ``64x257x16x64``, ``packed(64x257+256x37)x16x64``."""
+    """The attention benchmark's shape name: ``64x257x16x64``, ``packed(64x257+256x37)x16x64``."""
     crops = "+".join(f"{batch}x{tokens}" for batch, tokens in groups)
     return f"{f'packed({crops})' if packed else crops}x{heads}x{head_dim}"
 
